@@ -1,0 +1,3 @@
+"""Tandem HA: two-node high availability with synchronous mirroring."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,280 @@
+"""tandemctl: the command line for operators and scripts (⚑ exit codes: 0 done, 1 refused,
+2 usage error, 3 agent unreachable)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from agent.api.schemas import CommandResult, EventOut, Status
+from agent.config import ConfigError, load_config
+from agent.keys import KeyFileError, generate_key_file
+from agent.paths import SocketNotFound, find_socket
+
+DONE, REFUSED, USAGE, UNREACHABLE = 0, 1, 2, 3
+
+STATE_STYLE = {
+    "STOP": "grey50",
+    "WAIT": "bold red",
+    "ALONE": "bold dark_orange",
+    "PRIM": "bold green",
+    "SECOND": "green",
+}
+
+MODULE_COMMANDS = ["start", "stop", "forcestop", "restart", "swap", "prim", "second"]
+
+
+class Unreachable(Exception):
+    pass
+
+
+class Refused(Exception):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandemctl", description="Tandem HA command line.")
+    parser.add_argument("--socket", help="the agent's API socket")
+    parser.add_argument("--node", help="the local node's name ($TANDEM_NODE)")
+    parser.add_argument("--agent", help="a remote agent's URL (HTTPS, coming with remote access)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (60)")
+    parser.add_argument("--no-wait", action="store_true", help="return once accepted")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    status = sub.add_parser("status", help="nodes, links and modules")
+    status.add_argument("--json", action="store_true", help="the API's status document")
+
+    for name in MODULE_COMMANDS:
+        p = sub.add_parser(name, help=f"{name} a module")
+        p.add_argument("module")
+        if name == "stop":
+            p.add_argument("--all", action="store_true", help="stop on both nodes")
+        if name == "prim":
+            p.add_argument(
+                "--force", action="store_true", help="override the data rule (may lose data)"
+            )
+        if name == "second":
+            p.add_argument("--fullsync", action="store_true", help="resync everything")
+
+    maint = sub.add_parser("maintenance", help="no failover, no checkers, for planned work")
+    maint.add_argument("onoff", choices=["on", "off"])
+    maint.add_argument("module")
+
+    logs = sub.add_parser("logs", help="a module's event log")
+    logs.add_argument("module")
+    logs.add_argument("--follow", "-f", action="store_true")
+    logs.add_argument("-n", type=int, default=50, help="how many past events (50)")
+
+    for name in ("resolve", "verify"):
+        p = sub.add_parser(name, help=f"{name} a module's replicated data")
+        p.add_argument("module")
+        if name == "resolve":
+            p.add_argument("--keep", required=True, metavar="NODE")
+
+    config = sub.add_parser("config", help="validate or apply a cluster configuration")
+    config_sub = config.add_subparsers(dest="config_cmd", required=True)
+    validate = config_sub.add_parser("validate", help="check a cluster YAML")
+    validate.add_argument("file")
+    apply = config_sub.add_parser("apply", help="apply a cluster YAML on both nodes")
+    apply.add_argument("file")
+
+    keygen = sub.add_parser("keygen", help="write a new cluster key")
+    keygen.add_argument("file")
+    return parser
+
+
+class Client:
+    """The local agent's API over its Unix socket."""
+
+    def __init__(self, socket_path: Path, timeout: float) -> None:
+        self.socket_path = socket_path
+        transport = httpx.HTTPTransport(uds=str(socket_path))
+        self.http = httpx.Client(transport=transport, base_url="http://agent", timeout=timeout)
+
+    def call(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            response = self.http.request(method, path, **kw)
+        except (httpx.TransportError, OSError) as exc:
+            raise Unreachable(
+                f"cannot reach the agent at {self.socket_path}: {exc}; is tandem-agent running?"
+            ) from None
+        if response.status_code >= 400:
+            detail = response.json().get("detail", response.text)
+            raise Refused(str(detail))
+        return response.json()
+
+
+def fail(code: int, message: str) -> NoReturn:
+    print(f"tandemctl: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def client_for(args: argparse.Namespace, timeout: float) -> Client:
+    if args.agent:
+        fail(
+            USAGE,
+            "--agent (remote HTTPS access) is not available yet; run tandemctl on the node itself",
+        )
+    try:
+        path = find_socket(args.socket, args.node)
+    except SocketNotFound as exc:
+        fail(USAGE if exc.usage else UNREACHABLE, str(exc))
+    return Client(path, timeout)
+
+
+def print_status(status: Status, console: Console) -> None:
+    peer = status.peer
+    reach = "[green]reachable[/]" if peer.reachable else "[bold red]unreachable[/]"
+    console.print(
+        f"[bold]cluster[/] {status.cluster}   [bold]node[/] {status.node.name} "
+        f"({status.node.address})   [bold]peer[/] {peer.name} ({peer.address}) {reach}"
+    )
+    for link in peer.links:
+        state = "[green]up[/]" if link.up else "[red]down[/]"
+        silent = "never heard" if link.silent_for is None else f"heard {link.silent_for:.2f} s ago"
+        console.print(f"  link {link.index}: {link.local} ↔ {link.peer} {state} ({silent})")
+    if peer.problem:
+        console.print(f"  [bold red]problem:[/] {peer.problem}")
+    w = status.witness
+    if w.configured:
+        wstate = "[green]reachable[/]" if w.reachable else "[bold red]unreachable[/]"
+        console.print(f"  witness {w.address} {wstate}")
+    else:
+        console.print("  witness: none configured")
+    table = Table(show_lines=False, header_style="bold")
+    for column in (
+        "MODULE",
+        status.node.name.upper(),
+        peer.name.upper(),
+        "DATA",
+        "VIP",
+        "SERVICE",
+        "REASON",
+    ):
+        table.add_column(column, overflow="fold")
+    for m in status.modules:
+        mine = f"[{STATE_STYLE[m.state]}]{m.state}[/]"
+        theirs = f"[{STATE_STYLE[m.peer_state]}]{m.peer_state}[/]" if m.peer_state else "?"
+        vip = (m.vip or "-") + (" (held)" if m.vip_held else "")
+        flags = " [maintenance]" if m.maintenance else ""
+        table.add_row(m.name, mine + flags, theirs, m.data, vip, m.service, m.reason)
+    console.print(table)
+
+
+def print_event(event: EventOut, console: Console) -> None:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.ts))
+    state = f" [{STATE_STYLE.get(event.state or '', '')}]{event.state}[/]" if event.state else ""
+    console.print(
+        f"{when} {event.node} {event.module or '-'} {event.kind}{state}: {event.reason}",
+        highlight=False,
+    )
+
+
+def run_command(args: argparse.Namespace, client: Client) -> int:
+    command = args.cmd
+    if command == "stop" and args.all:
+        command = "stop-all"
+    if command == "prim" and args.force:
+        command = "prim-force"
+    if command == "maintenance":
+        command = f"maintenance-{args.onoff}"
+    if command == "second" and args.fullsync:
+        fail(REFUSED, "--fullsync needs replication, which this version does not have yet")
+    body = {"command": command, "timeout": args.timeout, "wait": not args.no_wait}
+    result = CommandResult.model_validate(
+        client.call("POST", f"/api/v1/modules/{args.module}/commands", json=body)
+    )
+    print(result.reason)
+    if not result.accepted:
+        return REFUSED
+    if not result.done and not args.no_wait:
+        return REFUSED
+    return DONE
+
+
+def run_logs(args: argparse.Namespace, client: Client, console: Console) -> int:
+    events = [
+        EventOut.model_validate(e)
+        for e in client.call(
+            "GET", "/api/v1/events/log", params={"module": args.module, "limit": args.n}
+        )
+    ]
+    for event in events:
+        print_event(event, console)
+    last = events[-1].id if events else 0
+    while args.follow:
+        time.sleep(0.5)
+        for raw in client.call(
+            "GET", "/api/v1/events/log", params={"module": args.module, "after": last}
+        ):
+            event = EventOut.model_validate(raw)
+            print_event(event, console)
+            last = event.id
+    return DONE
+
+
+def run_config(args: argparse.Namespace) -> int:
+    if args.config_cmd == "apply":
+        fail(
+            REFUSED,
+            "config apply comes with remote access between agents; for now copy the "
+            "file to both nodes and restart the agents",
+        )
+    try:
+        cfg = load_config(args.file)
+    except ConfigError as exc:
+        print(f"{args.file}: {len(exc.problems)} problem(s):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return REFUSED
+    print(f"{args.file}: valid ({len(cfg.modules)} module(s), nodes {', '.join(cfg.node_names)})")
+    return DONE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(highlight=False)
+    try:
+        if args.cmd == "keygen":
+            generate_key_file(args.file)
+            print(
+                f"wrote a new cluster key to {args.file} (mode 0600); copy it to both nodes "
+                "and the witness"
+            )
+            return DONE
+        if args.cmd == "config":
+            return run_config(args)
+        if args.cmd in ("resolve", "verify"):
+            fail(REFUSED, f"{args.cmd} needs replication, which this version does not have yet")
+        client = client_for(args, timeout=args.timeout + 10)
+        if args.cmd == "status":
+            raw = client.call("GET", "/api/v1/status")
+            if args.json:
+                print(json.dumps(raw, indent=2))
+            else:
+                print_status(Status.model_validate(raw), console)
+            return DONE
+        if args.cmd == "logs":
+            return run_logs(args, client, console)
+        return run_command(args, client)
+    except KeyFileError as exc:
+        fail(REFUSED, str(exc))
+    except Unreachable as exc:
+        fail(UNREACHABLE, str(exc))
+    except Refused as exc:
+        fail(REFUSED, str(exc))
+    except KeyboardInterrupt:
+        return DONE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
