@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from agent import __version__
 from agent.api.routes import create_app
@@ -39,11 +39,11 @@ from agent.api.schemas import (
 from agent.config import ClusterConfig, ConfigError, config_hash, load_config, node_checks
 from agent.core.commands import Command, Intent, evaluate
 from agent.core.detector import FailureDetector
-from agent.core.frames import Heartbeat, LeaseItem, Verdict
+from agent.core.frames import Action, Heartbeat, LeaseItem, Verdict
 from agent.core.machine import LeaseAction, ModuleView, PeerModule, WitnessView, decide
 from agent.core.states import DataState, State, colour
 from agent.guard import GuardHandle
-from agent.host.vip import Vip, has_vip, remove_vip
+from agent.host.vip import Vip, remove_vip
 from agent.keys import KeyFileError, load_key
 from agent.logs import log_event, setup_logging
 from agent.module import ModuleRuntime, checker_name
@@ -92,7 +92,7 @@ class Agent:
             if m.vip is not None:
                 interface = m.vip_interface(node)
                 assert interface is not None
-                vip = Vip(m.vip.address, interface)
+                vip = Vip(str(m.vip.address), interface)
             self.modules[m.name] = ModuleRuntime(cfg=m, node=node, store=self.store, vip=vip)
         self.detector = FailureDetector(len(self.node.heartbeat), timing.peer_timeout)
         self.peer_payload: dict[str, Any] = {}
@@ -101,7 +101,8 @@ class Agent:
         self.links: HeartbeatLinks | None = None
         self.witness: WitnessClient | None = None
         self.witness_task: asyncio.Task[None] | None = None
-        self.witness_reachable = False
+        self.witness_asked = 0.0
+        self.witness_reachable: bool | None = None  # None until the witness was asked
         self.guard: GuardHandle | None = None
         self.guard_task: asyncio.Task[None] | None = None
         self.tick_done = asyncio.Event()
@@ -111,21 +112,20 @@ class Agent:
 
     # -- start and stop --------------------------------------------------------------------
 
-    def clean_leftovers(self) -> None:
+    async def clean_leftovers(self) -> None:
         """A crashed agent may have left VIPs and processes behind: remove them first."""
         for module in self.modules.values():
-            if module.vip is not None and has_vip(module.vip):
-                remove_vip(module.vip)
+            if module.vip is not None and await remove_vip(module.vip):
                 module.event("vip", f"removed VIP {module.vip.address} left by an earlier run")
             pids = module.group.pids()
             if pids:
-                module.group.kill()
+                await module.group.kill_async()
                 module.event("service", f"killed {len(pids)} process(es) left by an earlier run")
 
     async def run(self) -> int:
         self.store.add_event("agent", f"agent starting (version {__version__})")
         log_event(log, "agent starting", node=self.node.name, config_hash=self.config_hash)
-        self.clean_leftovers()
+        await self.clean_leftovers()
         self.guard = await GuardHandle.spawn(self.fence_after)
         self.links = HeartbeatLinks(
             self.key,
@@ -298,7 +298,7 @@ class Agent:
         lease = m.lease
         witness = WitnessView(
             configured=self.cfg.witness is not None,
-            reachable=self.witness_reachable,
+            reachable=self.witness_reachable is not False,
             lease_valid=now < lease.valid_until,
             holder=lease.holder,
         )
@@ -306,7 +306,7 @@ class Agent:
         return ModuleView(
             node=self.node.name,
             peer_node=self.peer_cfg.name,
-            vip=m.cfg.vip.address if m.cfg.vip else None,
+            vip=str(m.cfg.vip.address) if m.cfg.vip else None,
             state=m.state,
             data=m.data,
             preferred=preferred,
@@ -350,9 +350,11 @@ class Agent:
             if decision.probe_vip:
                 m.probe(now)
             if decision.lease is not LeaseAction.NONE:
-                lease_items.append(LeaseItem(m.cfg.name, decision.lease.value))
+                lease_items.append(LeaseItem(m.cfg.name, cast(Action, decision.lease.value)))
             m.run_checkers(now, decision.serves)
-        if self.witness is not None and lease_items:
+        if self.witness is not None and (lease_items or now - self.witness_asked > 1.0):
+            # With nothing to ask, an empty request every second keeps the witness's
+            # reachability known (shown in status, needed before a failover).
             self.ask_witness(lease_items, now)
         if self.links is not None:
             self.links.send(self.payload())
@@ -377,11 +379,11 @@ class Agent:
         why = "fenced by the guard: the decision loop stalled"
         if stalled:
             why = f"decision loop stalled for more than {self.fence_after:.2f} s"
-        self.guard.acknowledge()
+        self.guard.clear_fenced()
         for m in self.modules.values():
             if not m.state.is_serving and not m.holds_resources:
                 continue
-            m.vip_held = m.vip is not None and has_vip(m.vip)
+            m.vip_held = False  # the guard removed every VIP of its last feed
             m.app_started = not m.group.is_empty()
             m.gave_up = f"{why}: the peer may have taken over"
             m.hold = f"{why}: letting the peer decide first"
@@ -405,6 +407,7 @@ class Agent:
     def ask_witness(self, items: list[LeaseItem], now: float) -> None:
         if self.witness_task is not None and not self.witness_task.done():
             return
+        self.witness_asked = now
         self.witness_task = asyncio.create_task(self._ask_witness(items, now))
 
     async def _ask_witness(self, items: list[LeaseItem], sent_at: float) -> None:
@@ -474,7 +477,7 @@ class Agent:
                     data=m.data,
                     peer_state=p.state if p else None,
                     peer_data=p.data if p else None,
-                    vip=m.cfg.vip.address if m.cfg.vip else None,
+                    vip=str(m.cfg.vip.address) if m.cfg.vip else None,
                     vip_held=m.vip_held,
                     service=m.service_label(),
                     reason=m.reason,
@@ -500,7 +503,7 @@ class Agent:
             address=f"{self.cfg.witness.address}:{self.cfg.witness.port}"
             if self.cfg.witness
             else None,
-            reachable=self.witness_reachable,
+            reachable=bool(self.witness_reachable),
         )
         return Status(
             cluster=self.cfg.cluster.name,

@@ -20,7 +20,7 @@ from agent.core.restarts import RestartPolicy, RestartVerdict
 from agent.core.states import DataState, State
 from agent.host.cgroup import ModuleGroup
 from agent.host.checkers import CheckResult, CheckSpec, run_check
-from agent.host.services import ServiceController, ServiceSpec
+from agent.host.services import ScriptResult, ServiceController, ServiceSpec
 from agent.host.vip import Vip, add_vip, address_in_use, announce, remove_vip
 from agent.logs import log_event
 from agent.store import Store
@@ -28,6 +28,10 @@ from agent.store import Store
 log = logging.getLogger("tandem.module")
 
 PROBE_VALID_FOR = 1.0  # seconds a VIP probe result is trusted
+
+
+def _step(step: ScriptResult | str) -> str:
+    return step if isinstance(step, str) else step.describe()
 
 
 def checker_name(checker: CheckerConfig) -> str:
@@ -104,8 +108,8 @@ class ModuleRuntime:
         self.service = None
         if svc is not None:
             spec = ServiceSpec(
-                start=svc.start,
-                stop=svc.stop,
+                start=str(svc.start) if svc.start else None,
+                stop=str(svc.stop) if svc.stop else None,
                 systemd=svc.systemd,
                 start_timeout=svc.start_timeout,
                 stop_timeout=svc.stop_timeout,
@@ -121,7 +125,7 @@ class ModuleRuntime:
         return f"module.{self.cfg.name}.{name}"
 
     def _load(self) -> None:
-        self.data = DataState(self.store.get(self._key("data"), DataState.UNKNOWN.value))
+        self.data = DataState(self.store.get(self._key("data")) or DataState.UNKNOWN.value)
         self.running = self.store.get(self._key("running"), "1") == "1"
         self.maintenance = self.store.get(self._key("maintenance"), "0") == "1"
         self.intent_at = float(self.store.get(self._key("intent_at"), "0") or 0)
@@ -235,34 +239,37 @@ class ModuleRuntime:
     async def _bring_up(self) -> None:
         if self.vip is not None and not self.vip_held:
             try:
-                add_vip(self.vip)
+                await add_vip(self.vip)
             except Exception as exc:  # any failure is reported and gives the role up
                 self.gave_up = f"could not add VIP {self.vip.address}: {exc}"
                 self.event("vip", self.gave_up)
                 return
             self.vip_held = True
             self.event("vip", f"VIP {self.vip.address} added on {self.vip.interface}")
-            self.announce_task = asyncio.create_task(announce(self.vip))
+            with contextlib.suppress(Exception):  # a lost announcement is repeated, not fatal
+                self.announce_task = await announce(self.vip)
         await self._start_app()
 
     async def _start_app(self) -> None:
         self.app_started = True
-        self.started_app_at = time.monotonic()
+        self.started_app_at = float("inf")  # checkers wait until the start script is done
         for checker in self.checkers:
             checker.result = None
         if self.service is None:
+            self.started_app_at = time.monotonic()
             return
         self.group.create()
         result = await self.service.start()
-        ok = result.exit_code == 0 and not result.timed_out
+        self.started_app_at = time.monotonic()
+        if result is None:
+            return
         self.event(
             "service",
-            f"start script {'succeeded' if ok else 'failed'}"
-            + (" (timed out)" if result.timed_out else f" (exit {result.exit_code})"),
+            f"start: {result.describe()}",
             output=result.output,
             duration=round(result.duration, 3),
         )
-        if not ok:
+        if not result.ok:
             self.on_failure(time.monotonic(), "start script failed")
 
     async def _bring_down(self) -> None:
@@ -272,13 +279,15 @@ class ModuleRuntime:
                 self.event("service", "application killed (forcestop)")
             else:
                 results = await self.service.stop()
-                self.event("service", "application stopped", steps=[str(r) for r in results])
+                self.event("service", "application stopped", steps=[_step(r) for r in results])
         elif self.app_started:
-            await asyncio.to_thread(self.group.kill)
+            await self.group.kill_async()
         self.kill_on_stop = False
         self.app_started = False
+        if self.announce_task is not None:
+            self.announce_task.cancel()
         if self.vip is not None and self.vip_held:
-            remove_vip(self.vip)
+            await remove_vip(self.vip)
             self.vip_held = False
             self.event("vip", f"VIP {self.vip.address} removed")
 
@@ -355,7 +364,7 @@ class ModuleRuntime:
         cfg = checker.config
         spec = CheckSpec(
             type=cfg.type,
-            address=cfg.address,
+            address=str(cfg.address) if cfg.address else None,
             port=cfg.port,
             name=cfg.name,
             command=cfg.command,

@@ -321,8 +321,9 @@ def _secondary(view: ModuleView, peer: PeerModule) -> Decision:
 def _standby_with_peer(view: ModuleView, peer: PeerModule) -> Decision:
     """Both nodes are up and neither serves: at most one of them promotes."""
     if peer.holds_resources:
+        # A secondary stays SECOND while the primary releases (swap, stop): not a fault.
         return Decision(
-            State.WAIT,
+            State.SECOND if view.state is State.SECOND else State.WAIT,
             view.data,
             f"waiting for {view.peer_node} to release the VIP and application",
             yielding=view.yielding,
