@@ -94,6 +94,7 @@ class Agent:
                 assert interface is not None
                 vip = Vip(str(m.vip.address), interface)
             self.modules[m.name] = ModuleRuntime(cfg=m, node=node, store=self.store, vip=vip)
+            self.modules[m.name].on_probed = self.wake_soon
         self.detector = FailureDetector(len(self.node.heartbeat), timing.peer_timeout)
         self.peer_payload: dict[str, Any] = {}
         self.peer_hash: str | None = None
@@ -108,6 +109,8 @@ class Agent:
         self.tick_done = asyncio.Event()
         self.event_added = asyncio.Condition()
         self.stopping = asyncio.Event()
+        self.wake = asyncio.Event()  # set when something must be decided before the next tick
+        self.retry_witness_at = 0.0
         self.last_tick = time.monotonic()
 
     # -- start and stop --------------------------------------------------------------------
@@ -205,9 +208,33 @@ class Agent:
             sd_notify("WATCHDOG=1")
             self.tick_done.set()
             self.tick_done.clear()
-            delay = self.interval - (time.monotonic() - started)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), max(0.0, delay))
+            await self.sleep_until_next_tick(started)
+
+    async def sleep_until_next_tick(self, started: float) -> None:
+        """Sleep one interval, but wake at once for what cannot wait a whole interval.
+
+        The peer's timeout expiring, a witness answer or a VIP probe result each end the
+        sleep, so a failover does not lose up to an interval at every step.
+        """
+        now = time.monotonic()
+        wake_at = started + self.interval
+        silence = self.detector.silence(now)
+        if silence is not None and silence < self.peer_timeout:
+            wake_at = min(wake_at, now + (self.peer_timeout - silence) + 0.005)
+        if self.retry_witness_at > now:
+            wake_at = min(wake_at, self.retry_witness_at)
+        self.wake.clear()
+        stop = asyncio.ensure_future(self.stopping.wait())
+        woken = asyncio.ensure_future(self.wake.wait())
+        try:
+            await asyncio.wait(
+                {stop, woken},
+                timeout=max(0.0, wake_at - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            stop.cancel()
+            woken.cancel()
 
     async def shutdown(self) -> None:
         """SIGTERM: release every VIP and application, tell the peer, then exit."""
@@ -368,6 +395,9 @@ class Agent:
                     [(self.node.name, name) for name in self.modules],
                 )
 
+    def wake_soon(self) -> None:
+        self.wake.set()
+
     async def respawn_guard(self) -> None:
         self.guard = await GuardHandle.spawn(self.fence_after)
 
@@ -430,14 +460,20 @@ class Agent:
             if item.action == "release":
                 m.lease.valid_until = 0.0
                 m.lease.holder = None
+                self.wake.set()
             elif verdict.granted:
                 # Our lease ends `duration` after we sent the request; the witness counts
                 # from when it received it, later. One interval of margin on top.
+                if m.lease.valid_until <= time.monotonic():
+                    self.wake.set()  # newly granted: promote now, not at the next tick
                 m.lease.valid_until = sent_at + self.peer_timeout - self.interval
                 m.lease.holder = None
             else:
                 m.lease.valid_until = 0.0
                 m.lease.holder = verdict.holder
+                if item.action == "acquire":
+                    # Ask again the moment the holder's lease runs out at the witness.
+                    self.retry_witness_at = time.monotonic() + verdict.expires_in + 0.005
 
     # -- API port ------------------------------------------------------------------------------
 

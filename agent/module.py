@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent.config import CheckerConfig, ModuleConfig
@@ -98,7 +99,8 @@ class ModuleRuntime:
     hold_until: float = 0.0
     restart_task: asyncio.Task[None] | None = None
     announce_task: asyncio.Task[None] | None = None
-    started_app_at: float = 0.0
+    on_probed: Callable[[], None] | None = None  # wakes the decision loop
+    started_app_at: float = float("inf")  # monotonic end of the last start script
     group: ModuleGroup = field(init=False)
     service: ServiceController | None = field(init=False)
 
@@ -351,8 +353,10 @@ class ModuleRuntime:
             if not applies:
                 checker.result = None
                 continue
-            if serving and now - self.started_app_at < checker.config.interval:
-                continue  # give the application one interval to come up
+            if serving and not (
+                self.app_started and now - self.started_app_at >= checker.config.interval
+            ):
+                continue  # give the application one interval after its start to come up
             if checker.task is not None and not checker.task.done():
                 continue
             if now - checker.last_run < checker.config.interval:
@@ -406,6 +410,8 @@ class ModuleRuntime:
         in_use = await address_in_use(self.vip, timeout=0.3)
         self.vip_in_use = in_use
         self.probe_at = time.monotonic()
+        if self.on_probed is not None:
+            self.on_probed()
 
     def probe_result(self, now: float) -> bool | None:
         if now - self.probe_at > PROBE_VALID_FOR:
