@@ -43,7 +43,7 @@ from agent.core.frames import Action, Heartbeat, LeaseItem, Verdict
 from agent.core.machine import LeaseAction, ModuleView, PeerModule, WitnessView, decide
 from agent.core.states import DataState, State, colour
 from agent.guard import GuardHandle
-from agent.host.vip import Vip, remove_vip
+from agent.host.vip import Vip, address_in_use, remove_vip
 from agent.keys import KeyFileError, load_key
 from agent.logs import log_event, setup_logging
 from agent.module import ModuleRuntime, checker_name
@@ -81,6 +81,7 @@ class Agent:
         self.key = load_key(cfg.cluster.secret_file)
         self.incarnation = time.time_ns()
         self.started = time.time()
+        self.started_mono = time.monotonic()
         timing = cfg.timing
         self.interval = timing.heartbeat_interval
         self.peer_timeout = timing.peer_timeout
@@ -357,7 +358,8 @@ class Agent:
             checkers_ok=checkers_ok,
             checker_problem=problem,
             gave_up=m.gave_up,
-            hold=m.hold,
+            hold=m.hold or m.vip_conflict,
+            vip_checked=m.vip is None or m.vip_checked,
         )
 
     def tick(self, now: float) -> None:
@@ -366,6 +368,7 @@ class Agent:
         if self.guard is not None and (self.guard.fenced or stalled):
             self.after_fence(now, stalled)
         self.apply_peer_stop_all()
+        self.check_vip_conflicts(now)
         lease_items: list[LeaseItem] = []
         for m in self.modules.values():
             m.expire_intents(now)
@@ -394,6 +397,41 @@ class Agent:
                     [m.vip for m in self.modules.values() if m.vip is not None],
                     [(self.node.name, name) for name in self.modules],
                 )
+
+    def check_vip_conflicts(self, now: float) -> None:
+        """Probe each VIP once at start (and again while in conflict): another host answering
+        for it is a configuration error the operator must hear about, not a reason to fight."""
+        for m in self.modules.values():
+            if m.vip is None or m.holds_resources or m.state.is_serving:
+                continue
+            if m.conflict_task is not None and not m.conflict_task.done():
+                continue
+            if not (self.detector.peer_alive(now) or now - self.started_mono > self.peer_timeout):
+                continue  # the peer may hold the VIP legitimately: hear it first
+            due = m.conflict_checked_at == 0.0 or (
+                m.vip_conflict is not None and now - m.conflict_checked_at > 5.0
+            )
+            if due:
+                m.conflict_checked_at = now
+                m.conflict_task = asyncio.create_task(self._check_conflict(m))
+
+    async def _check_conflict(self, m: ModuleRuntime) -> None:
+        assert m.vip is not None
+        in_use = await address_in_use(m.vip, timeout=0.5)
+        m.vip_checked = True
+        peer = self.peer_module(m.cfg.name, time.monotonic())
+        if in_use and not (peer is not None and peer.holds_resources):
+            if m.vip_conflict is None:
+                m.vip_conflict = (
+                    f"VIP {m.vip.address} already answers on the LAN and {self.peer_cfg.name} "
+                    "does not hold it: another host uses this address; free it or change "
+                    "the module's vip.address"
+                )
+                m.event("vip", m.vip_conflict)
+        elif m.vip_conflict is not None:
+            m.vip_conflict = None
+            m.event("vip", f"VIP {m.vip.address} is free again")
+            self.wake.set()
 
     def wake_soon(self) -> None:
         self.wake.set()

@@ -100,6 +100,10 @@ class ModuleRuntime:
     restart_task: asyncio.Task[None] | None = None
     announce_task: asyncio.Task[None] | None = None
     on_probed: Callable[[], None] | None = None  # wakes the decision loop
+    vip_conflict: str | None = None  # another host answers for the VIP
+    conflict_checked_at: float = 0.0
+    vip_checked: bool = False
+    conflict_task: asyncio.Task[None] | None = None
     started_app_at: float = float("inf")  # monotonic end of the last start script
     group: ModuleGroup = field(init=False)
     service: ServiceController | None = field(init=False)

@@ -86,6 +86,7 @@ class ModuleView:
     checker_problem: str = ""
     gave_up: str | None = None  # primary: restarts exhausted, the role is given up
     hold: str | None = None  # a reason this node must not promote for now
+    vip_checked: bool = True  # the start-up probe found no other host answering for the VIP
 
 
 @dataclass(frozen=True)
@@ -407,6 +408,12 @@ def _promote(view: ModuleView, why: str) -> Decision:
         State.PRIM if view.peer is not None and view.peer.state is State.SECOND else State.ALONE
     )
     done = frozenset({"force_primary", "want_primary"})
+    if not view.vip_checked:
+        return Decision(
+            view.state if view.state is State.SECOND else State.WAIT,
+            view.data,
+            f"{why}; first checking that VIP {view.vip} is not used by another host",
+        )
     if view.witness.configured:
         if view.witness.lease_valid:
             return Decision(
