@@ -55,7 +55,10 @@ class Store:
         self.retention = retention
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        # NORMAL in WAL mode: a commit never waits for fsync. The decision loop writes here,
+        # and an fsync stuck behind a busy disk would stall heartbeats and fence the node.
+        # What must survive a power loss exactly (data generations) gets files of its own.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         self._inserted = 0
 
