@@ -40,7 +40,14 @@ from agent.config import ClusterConfig, ConfigError, config_hash, load_config, n
 from agent.core.commands import Command, Intent, evaluate
 from agent.core.detector import FailureDetector
 from agent.core.frames import Action, Heartbeat, LeaseItem, Verdict
-from agent.core.machine import LeaseAction, ModuleView, PeerModule, WitnessView, decide
+from agent.core.machine import (
+    LeaseAction,
+    ModuleView,
+    PeerModule,
+    WitnessView,
+    decide,
+    is_eligible,
+)
 from agent.core.states import DataState, State, colour
 from agent.guard import GuardHandle
 from agent.host.vip import Vip, address_in_use, remove_vip
@@ -305,7 +312,7 @@ class Agent:
         modules: dict[str, Any] = {}
         for name, m in self.modules.items():
             view = self.view(m, time.monotonic()) if not leaving else None
-            eligible = bool(view and _eligible(view))
+            eligible = view is not None and is_eligible(view)
             modules[name] = {
                 "s": m.state.value,
                 "d": m.data.value,
@@ -692,12 +699,6 @@ class Agent:
                 return
             await asyncio.sleep(self.interval)
         raise TimeoutError
-
-
-def _eligible(view: ModuleView) -> bool:
-    from agent.core.machine import is_eligible
-
-    return is_eligible(view)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -248,6 +248,8 @@ class ModuleRuntime:
                 await add_vip(self.vip)
             except Exception as exc:  # any failure is reported and gives the role up
                 self.gave_up = f"could not add VIP {self.vip.address}: {exc}"
+                self.hold = f"{self.gave_up}; held back from the primary role for 30 s"
+                self.hold_until = time.monotonic() + 30.0
                 self.event("vip", self.gave_up)
                 return
             self.vip_held = True
