@@ -231,6 +231,9 @@ class Agent:
             wake_at = min(wake_at, now + (self.peer_timeout - silence) + 0.005)
         if self.retry_witness_at > now:
             wake_at = min(wake_at, self.retry_witness_at)
+        for m in self.modules.values():
+            if m.state.is_serving and m.lease.valid_until > now:
+                wake_at = min(wake_at, m.lease.valid_until)  # step down the moment it lapses
         self.wake.clear()
         stop = asyncio.ensure_future(self.stopping.wait())
         woken = asyncio.ensure_future(self.wake.wait())
@@ -253,14 +256,15 @@ class Agent:
             if module.state is not State.STOP:
                 module.state = State.WAIT
                 module.reason = "agent stopped"
-            module.yielding = False
-        if self.links is not None:
-            self.links.send(self.payload(leaving=True))
+            module.yielding = True  # the peer may take over at once, not after peer_timeout
         if self.witness is not None:
             items = [LeaseItem(name, "release") for name in self.modules]
             with contextlib.suppress(Exception):
                 await self.witness.request(items, self.peer_timeout, self.interval)
             self.witness.close()
+        if self.links is not None:
+            for _ in range(3):  # datagrams get lost; the peer ignores the repeats
+                self.links.send(self.payload(leaving=True))
         if self.guard is not None:
             await self.guard.close()
         if self.links is not None:
@@ -367,6 +371,7 @@ class Agent:
             gave_up=m.gave_up,
             hold=m.hold or m.vip_conflict,
             vip_checked=m.vip is None or m.vip_checked,
+            holds_resources=m.holds_resources,
         )
 
     def tick(self, now: float) -> None:

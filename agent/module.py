@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from agent.store import Store
 log = logging.getLogger("tandem.module")
 
 PROBE_VALID_FOR = 1.0  # seconds a VIP probe result is trusted
+_FIGURES = re.compile(r"\d+(?:\.\d+)?")
 
 
 def _step(step: ScriptResult | str) -> str:
@@ -138,13 +140,16 @@ class ModuleRuntime:
         self.stop_all_at = float(self.store.get(self._key("stop_all_at"), "0") or 0)
         if not self.running:
             self.state = State.STOP
-            self.reason = "stopped by the administrator (remembered across restarts)"
+            stopped = self.store.get(self._key("stop_reason")) or "stopped by the administrator"
+            self.stop_reason = f"{stopped} (remembered across restarts)"
+            self.reason = self.stop_reason
 
     def set_running(self, running: bool, reason: str, at: float | None = None) -> None:
         self.running = running
         self.stop_reason = reason
         self.intent_at = at if at is not None else time.time()
         self.store.put(self._key("running"), "1" if running else "0")
+        self.store.put(self._key("stop_reason"), reason)
         self.store.put(self._key("intent_at"), repr(self.intent_at))
 
     def set_maintenance(self, on: bool) -> None:
@@ -186,10 +191,15 @@ class ModuleRuntime:
         if decision.state is self.state and decision.reason == self.reason:
             return
         changed = decision.state is not self.state
+        # A reason that only counts on ("peer lost ... for 2.3 s") is shown live in status,
+        # but logged once: otherwise it would push the failover itself out of the log.
+        news = changed or _FIGURES.sub("#", decision.reason) != _FIGURES.sub("#", self.reason)
         if changed:
             self.since = time.time()
         self.state = decision.state
         self.reason = decision.reason
+        if not news:
+            return
         self.store.add_event(
             "transition" if changed else "reason",
             decision.reason,
@@ -281,6 +291,14 @@ class ModuleRuntime:
             self.on_failure(time.monotonic(), "start script failed")
 
     async def _bring_down(self) -> None:
+        # The VIP goes first: once this node steps down its lease margin is short, and a
+        # stop script may take longer than that; clients lose nothing they had not already.
+        if self.announce_task is not None:
+            self.announce_task.cancel()
+        if self.vip is not None and self.vip_held:
+            await remove_vip(self.vip)
+            self.vip_held = False
+            self.event("vip", f"VIP {self.vip.address} removed")
         if self.app_started and self.service is not None:
             if self.kill_on_stop:
                 await self.service.force_stop()
@@ -292,12 +310,6 @@ class ModuleRuntime:
             await self.group.kill_async()
         self.kill_on_stop = False
         self.app_started = False
-        if self.announce_task is not None:
-            self.announce_task.cancel()
-        if self.vip is not None and self.vip_held:
-            await remove_vip(self.vip)
-            self.vip_held = False
-            self.event("vip", f"VIP {self.vip.address} removed")
 
     async def shutdown(self) -> None:
         """Orderly exit: cancel work under way and release everything this node holds."""

@@ -14,11 +14,19 @@ a node promotes only when its peer reports holding nothing (the peer removes
 its VIP and stops its application before it says so), and a node that cannot
 see its peer promotes only with the witness's lease or, without a witness,
 after probing that the VIP does not answer on the LAN.
+
+Two more keep it so when decisions cross in flight. While both nodes hear each
+other and neither serves, only the preferred node promotes on its own judgement;
+the other promotes only once the preferred one hands it the role (`yielding`),
+so two decisions taken at the same instant on each other's previous heartbeat
+never both promote. And the witness lease follows the resources, not the
+state: a node keeps renewing it until its VIP and application are down, so the
+peer is never granted the role while this node still answers for the VIP.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from agent.core.states import DataState, State
@@ -87,6 +95,7 @@ class ModuleView:
     gave_up: str | None = None  # primary: restarts exhausted, the role is given up
     hold: str | None = None  # a reason this node must not promote for now
     vip_checked: bool = True  # the start-up probe found no other host answering for the VIP
+    holds_resources: bool = False  # this node's VIP or application is still up (or stopping)
 
 
 @dataclass(frozen=True)
@@ -123,12 +132,34 @@ def is_eligible(view: ModuleView) -> bool:
 def decide(view: ModuleView) -> Decision:
     """The one decision of this tick for this module."""
     if not view.running:
-        return _stopped(view)
-    if view.maintenance:
-        return _maintenance(view)
-    if view.state.is_serving:
-        return _serving(view)
-    return _standby(view)
+        decision = _stopped(view)
+    elif view.maintenance:
+        decision = _maintenance(view)
+    elif view.state.is_serving:
+        decision = _serving(view)
+    else:
+        decision = _standby(view)
+    return _lease_follows_resources(view, decision)
+
+
+def _lease_follows_resources(view: ModuleView, decision: Decision) -> Decision:
+    """Keep the witness lease while the VIP or application is still up here; then let it go.
+
+    Releasing the lease the moment a node decides to step down would let the peer
+    (if it does not hear this node) be granted the role while this node still
+    stops its application and holds the VIP.
+    """
+    if not view.witness.configured or decision.serves:
+        return decision
+    if view.holds_resources:
+        lease = LeaseAction.RENEW
+    elif decision.lease is LeaseAction.ACQUIRE:
+        return decision
+    elif view.witness.lease_valid or decision.lease is LeaseAction.RELEASE:
+        lease = LeaseAction.RELEASE
+    else:
+        lease = LeaseAction.NONE
+    return decision if lease is decision.lease else replace(decision, lease=lease)
 
 
 def _stopped(view: ModuleView) -> Decision:
@@ -138,29 +169,36 @@ def _stopped(view: ModuleView) -> Decision:
         if view.witness.configured and view.state.is_serving
         else (LeaseAction.NONE)
     )
-    return Decision(State.STOP, data, view.stop_reason, lease=lease)
+    # A stopped node hands the role to its peer (who promotes once this node released).
+    return Decision(State.STOP, data, view.stop_reason, lease=lease, yielding=True)
 
 
 def _maintenance(view: ModuleView) -> Decision:
-    if (
-        view.state.is_serving
-        and view.peer is None
-        and view.witness.configured
-        and not view.witness.lease_valid
-    ):
+    if view.state.is_serving:
         # Maintenance suspends failover, never the witness's guarantee.
-        return _serving(view)
+        guard = _lease_guard(view)
+        if guard is not None:
+            return guard
     lease = (
         LeaseAction.RENEW
         if view.witness.configured and view.state.is_serving
         else (LeaseAction.NONE)
     )
     state = State.WAIT if view.state is State.STOP else view.state
+    # No automatic action, but the data bookkeeping goes on: a peer serving while
+    # this node does not receive still leaves it behind.
+    if state.is_serving:
+        data = view.data
+    elif state is State.SECOND and view.in_sync and view.peer is not None:
+        data = DataState.UP_TO_DATE if view.peer.state.is_serving else view.data
+    else:
+        data = _data_when_not_receiving(view)
     return Decision(
         state,
-        view.data,
+        data,
         "maintenance mode: no failover, no checkers, no automatic action",
         lease=lease,
+        yielding=not state.is_serving,
     )
 
 
@@ -177,43 +215,42 @@ def _step_down(view: ModuleView, reason: str, data: DataState = DataState.UP_TO_
     return Decision(State.WAIT, data, reason, lease=lease, consumed=frozenset({"handover"}))
 
 
-def _serving(view: ModuleView) -> Decision:
-    renew = LeaseAction.RENEW if view.witness.configured else LeaseAction.NONE
-    if view.gave_up is not None:
-        return _step_down(view, view.gave_up)
-    peer = view.peer
-    if peer is None:
-        if not view.witness.configured:
-            return Decision(
-                State.ALONE,
-                DataState.UP_TO_DATE,
-                f"{view.peer_lost_reason}; running alone",
-                lease=renew,
-            )
-        if view.witness.lease_valid:
-            return Decision(
-                State.ALONE,
-                DataState.UP_TO_DATE,
-                f"{view.peer_lost_reason}; witness lease held: running alone",
-                lease=renew,
-            )
+def _lease_guard(view: ModuleView) -> Decision | None:
+    """A serving node without a valid lease steps down before the peer could be granted it."""
+    if not view.witness.configured or view.witness.lease_valid:
+        return None
+    if view.peer is None:
         return _step_down(
             view,
             f"{view.peer_lost_reason} and no valid witness lease: stepping down before the "
             "lease could pass to the other node",
         )
-    if (
-        view.witness.configured
-        and not view.witness.lease_valid
-        and view.peer_silence is not None
-        and view.peer_silence > view.peer_timeout / 2
-    ):
+    if view.peer_silence is not None and view.peer_silence > view.peer_timeout / 2:
         # Without a lease nothing stops the peer from being granted the role once it
         # stops hearing us; step down well before its peer_timeout can run out.
         return _step_down(
             view,
             f"witness lease lost and {view.peer_node} silent for {view.peer_silence:.1f} s: "
             "stepping down",
+        )
+    return None
+
+
+def _serving(view: ModuleView) -> Decision:
+    renew = LeaseAction.RENEW if view.witness.configured else LeaseAction.NONE
+    if view.gave_up is not None:
+        return _step_down(view, view.gave_up)
+    guard = _lease_guard(view)
+    if guard is not None:
+        return guard
+    peer = view.peer
+    if peer is None:
+        lease = "; witness lease held:" if view.witness.configured else ";"
+        return Decision(
+            State.ALONE,
+            DataState.UP_TO_DATE,
+            f"{view.peer_lost_reason}{lease} running alone",
+            lease=renew,
         )
     if peer.state.is_serving:
         return _double_primary(view, peer)
@@ -282,19 +319,24 @@ def _double_primary(view: ModuleView, peer: PeerModule) -> Decision:
 
 
 def _standby(view: ModuleView) -> Decision:
+    # Where this node cannot serve it hands the role to its peer (`yielding`): the
+    # peer, if it is not the preferred node, promotes only on that word.
     if view.peer_incompatible is not None:
-        return Decision(State.WAIT, view.data, view.peer_incompatible)
+        return Decision(State.WAIT, _data_when_not_receiving(view), view.peer_incompatible)
     if not view.checkers_ok:
         return Decision(
-            State.WAIT, _data_when_not_receiving(view), f"{view.checker_problem}: may not serve"
+            State.WAIT,
+            _data_when_not_receiving(view),
+            f"{view.checker_problem}: may not serve",
+            yielding=True,
         )
     if view.gave_up is not None:
-        return Decision(State.WAIT, view.data, view.gave_up)
+        return Decision(State.WAIT, _data_when_not_receiving(view), view.gave_up, yielding=True)
     peer = view.peer
     if peer is not None and peer.state.is_serving:
         return _secondary(view, peer)
     if view.hold is not None:
-        return Decision(State.WAIT, _data_when_not_receiving(view), view.hold)
+        return Decision(State.WAIT, _data_when_not_receiving(view), view.hold, yielding=True)
     if peer is not None:
         return _standby_with_peer(view, peer)
     return _standby_alone(view)
@@ -320,54 +362,99 @@ def _secondary(view: ModuleView, peer: PeerModule) -> Decision:
 
 
 def _standby_with_peer(view: ModuleView, peer: PeerModule) -> Decision:
-    """Both nodes are up and neither serves: at most one of them promotes."""
+    """Both nodes are up and neither serves: the preferred node decides who promotes.
+
+    Each node decides on the other's previous heartbeat, so both may decide at the
+    same instant on stale news. Only the preferred node promotes on its own
+    judgement; the other promotes only once the preferred node hands it the role
+    (`yielding`). A node that was itself handing the role over promotes only one
+    heartbeat after it stopped saying so, when its peer can no longer act on it.
+    """
+    standby = State.SECOND if view.state is State.SECOND else State.WAIT
     if peer.holds_resources:
         # A secondary stays SECOND while the primary releases (swap, stop): not a fault.
         return Decision(
-            State.SECOND if view.state is State.SECOND else State.WAIT,
+            standby,
             view.data,
             f"waiting for {view.peer_node} to release the VIP and application",
             yielding=view.yielding,
         )
     first_start = view.data is DataState.UNKNOWN and peer.data is DataState.UNKNOWN
     mine_ok = view.data is DataState.UP_TO_DATE or view.force_primary or first_start
-    peer_ok = (
-        peer.eligible and not peer.yielding and (peer.data is DataState.UP_TO_DATE or first_start)
-    )
-    if peer.yielding and mine_ok:
-        return _promote(view, f"{view.peer_node} handed over the primary role")
-    if view.yielding and peer_ok:
-        return Decision(
-            State.SECOND, view.data, f"handing the primary role to {view.peer_node}", yielding=True
-        )
-    if not mine_ok:
-        if peer_ok:
-            return Decision(
-                State.WAIT, view.data, f"waiting for {view.peer_node} to take the primary role"
-            )
-        return Decision(State.WAIT, view.data, _no_good_data_reason(view, peer))
-    if peer_ok and not view.preferred and not view.force_primary:
-        if view.data is DataState.UP_TO_DATE and peer.data is not DataState.UP_TO_DATE:
-            return _promote(
-                view, f"this node has the up-to-date data ({view.peer_node}: {peer.data})"
-            )
+    if view.want_primary and not mine_ok:
         return Decision(
             State.WAIT,
             view.data,
-            f"waiting for {view.peer_node}, the preferred node, to take the primary role",
+            f"`prim` dropped: data here is {view.data} now; `prim --force` overrides",
+            consumed=frozenset({"want_primary"}),
         )
-    if first_start:
-        return _promote(
-            view,
-            f"first start: {view.node} is the default primary"
-            if view.preferred
-            else f"first start: {view.peer_node} cannot serve",
+    claim = view.force_primary or view.want_primary
+    wants = claim and mine_ok
+    peer_claims = peer.wants_primary and peer.eligible and not peer.maintenance
+    peer_ok = peer.eligible and (peer.data is DataState.UP_TO_DATE or first_start or peer_claims)
+    if view.yielding and peer_ok and not claim and not peer.yielding:
+        return Decision(
+            standby, view.data, f"handing the primary role to {view.peer_node}", yielding=True
         )
-    if view.force_primary and view.data is not DataState.UP_TO_DATE:
-        return _promote(view, "forced by the administrator (`prim --force`)")
-    if peer_ok:
-        return _promote(view, f"{view.node} is the preferred node")
-    return _promote(view, f"{view.peer_node} cannot serve ({peer.state}, data {peer.data})")
+    takes = mine_ok and (peer.yielding or (view.preferred and not (peer_claims and not claim)))
+    if takes and view.yielding:
+        return Decision(
+            standby,
+            view.data,
+            f"no longer handing the primary role to {view.peer_node}: taking it at the next "
+            "heartbeat, once it has heard",
+            wants_primary=wants,
+        )
+    if takes:
+        if peer.yielding:
+            why = f"{view.peer_node} handed over the primary role"
+            why = f"first start: {why}" if first_start else why
+        elif first_start:
+            why = f"first start: {view.node} is the default primary"
+        elif view.force_primary and view.data is not DataState.UP_TO_DATE:
+            why = "forced by the administrator (`prim --force`)"
+        elif peer_ok:
+            why = f"{view.node} is the preferred node"
+        else:
+            why = f"{view.peer_node} cannot serve ({peer.state}, data {peer.data})"
+        return _claiming(_promote(view, why), wants)
+    if not view.preferred:
+        return Decision(
+            State.WAIT,
+            view.data,
+            _waiting_reason(view, peer, mine_ok, peer_ok),
+            wants_primary=wants,
+        )
+    if peer_claims:
+        reason = f"{view.peer_node} asks for the primary role: handing it over"
+    elif peer_ok:
+        reason = f"waiting for {view.peer_node} to take the primary role"
+    else:
+        reason = _no_good_data_reason(view, peer)
+    return Decision(standby, view.data, reason, yielding=True)
+
+
+def _claiming(decision: Decision, wants: bool) -> Decision:
+    """While a claimed promotion waits (witness, probe), keep telling the peer about it."""
+    if decision.serves or not wants:
+        return decision
+    return replace(decision, wants_primary=True)
+
+
+def _waiting_reason(view: ModuleView, peer: PeerModule, mine_ok: bool, peer_ok: bool) -> str:
+    """Why the node that is not preferred waits for the preferred one."""
+    if not mine_ok:
+        if peer_ok:
+            return f"waiting for {view.peer_node} to take the primary role"
+        return _no_good_data_reason(view, peer)
+    if view.force_primary or view.want_primary:
+        return f"asking {view.peer_node} to hand over the primary role"
+    if not peer_ok:
+        return (
+            f"waiting for {view.peer_node} to hand over the primary role "
+            f"({view.peer_node} cannot serve: {peer.state}, data {peer.data})"
+        )
+    return f"waiting for {view.peer_node}, the preferred node, to take the primary role"
 
 
 def _no_good_data_reason(view: ModuleView, peer: PeerModule) -> str:
@@ -408,6 +495,8 @@ def _promote(view: ModuleView, why: str) -> Decision:
         State.PRIM if view.peer is not None and view.peer.state is State.SECOND else State.ALONE
     )
     done = frozenset({"force_primary", "want_primary"})
+    # A secondary handed the role by a peer it hears stays SECOND while it asks.
+    waiting = State.SECOND if view.state is State.SECOND and connected else State.WAIT
     if not view.vip_checked:
         return Decision(
             view.state if view.state is State.SECOND else State.WAIT,
@@ -425,7 +514,7 @@ def _promote(view: ModuleView, why: str) -> Decision:
             )
         if not view.witness.reachable:
             return Decision(
-                State.WAIT,
+                waiting,
                 view.data,
                 f"{why}; witness unreachable: not taking over, since {view.peer_node} may "
                 "still serve",
@@ -433,14 +522,12 @@ def _promote(view: ModuleView, why: str) -> Decision:
             )
         if view.witness.holder is not None and view.witness.holder != view.node:
             return Decision(
-                State.WAIT,
+                waiting,
                 view.data,
                 f"{why}; witness: lease held by {view.witness.holder}",
                 lease=LeaseAction.ACQUIRE,
             )
-        return Decision(
-            State.WAIT, view.data, f"{why}; asking the witness", lease=LeaseAction.ACQUIRE
-        )
+        return Decision(waiting, view.data, f"{why}; asking the witness", lease=LeaseAction.ACQUIRE)
     if connected or view.vip is None:
         return Decision(serving_state, DataState.UP_TO_DATE, why, consumed=done)
     if view.vip_in_use is None:

@@ -24,7 +24,14 @@ class RestartPolicy:
     within: float
     _restarts: deque[float] = field(default_factory=deque)
 
+    def __post_init__(self) -> None:
+        if self.attempts < 0:
+            raise ValueError(f"restart.attempts must be 0 or more, got {self.attempts}")
+        if not self.within >= 0:
+            raise ValueError(f"restart.within must be 0 seconds or more, got {self.within}")
+
     def on_failure(self, now: float) -> RestartVerdict:
+        """A failure at `now`: restart here while the window's budget lasts, else give up."""
         while self._restarts and now - self._restarts[0] > self.within:
             self._restarts.popleft()
         if len(self._restarts) >= self.attempts:
@@ -37,4 +44,5 @@ class RestartPolicy:
         return sum(1 for t in self._restarts if now - t <= self.within)
 
     def reset(self) -> None:
+        """Forget past restarts (an administrator started the module again)."""
         self._restarts.clear()
