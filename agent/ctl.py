@@ -4,21 +4,24 @@
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
+import socket
 import sys
 import time
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import httpx
 from rich.console import Console
 from rich.table import Table
 
-from agent.api.schemas import CommandResult, EventOut, Status
-from agent.config import ConfigError, load_config
 from agent.keys import KeyFileError, generate_key_file
 from agent.paths import SocketNotFound, find_socket
+
+if TYPE_CHECKING:  # pydantic models load in a quarter second: only where they are used
+    from agent.api.schemas import EventOut, Status
 
 DONE, REFUSED, USAGE, UNREACHABLE = 0, 1, 2, 3
 
@@ -92,25 +95,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over the agent's Unix socket (the stdlib's client: tandemctl starts fast)."""
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("agent", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(str(self.path))
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
 class Client:
     """The local agent's API over its Unix socket."""
 
     def __init__(self, socket_path: Path, timeout: float) -> None:
         self.socket_path = socket_path
-        transport = httpx.HTTPTransport(uds=str(socket_path))
-        self.http = httpx.Client(transport=transport, base_url="http://agent", timeout=timeout)
+        self.timeout = timeout
 
-    def call(self, method: str, path: str, **kw: Any) -> Any:
+    def call(
+        self,
+        method: str,
+        path: str,
+        json_body: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> Any:
+        if params:
+            query = {k: v for k, v in params.items() if v is not None}
+            path = f"{path}?{urllib.parse.urlencode(query)}"
+        body = json.dumps(json_body).encode() if json_body is not None else None
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        conn = _UnixConnection(self.socket_path, self.timeout)
         try:
-            response = self.http.request(method, path, **kw)
-        except (httpx.TransportError, OSError) as exc:
+            conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+            raw = response.read()
+        except (OSError, http.client.HTTPException) as exc:
             raise Unreachable(
                 f"cannot reach the agent at {self.socket_path}: {exc}; is tandem-agent running?"
             ) from None
-        if response.status_code >= 400:
-            detail = response.json().get("detail", response.text)
+        finally:
+            conn.close()
+        try:
+            data = json.loads(raw) if raw else None
+        except ValueError:
+            data = raw.decode(errors="replace")
+        if response.status >= 400:
+            detail = data.get("detail", data) if isinstance(data, dict) else data
             raise Refused(str(detail))
-        return response.json()
+        return data
 
 
 def fail(code: int, message: str) -> NoReturn:
@@ -190,18 +230,19 @@ def run_command(args: argparse.Namespace, client: Client) -> int:
     if command == "second" and args.fullsync:
         fail(REFUSED, "--fullsync needs replication, which this version does not have yet")
     body = {"command": command, "timeout": args.timeout, "wait": not args.no_wait}
-    result = CommandResult.model_validate(
-        client.call("POST", f"/api/v1/modules/{args.module}/commands", json=body)
-    )
-    print(result.reason)
-    if not result.accepted:
+    # A plain dict (API schema CommandResult): pydantic would cost this command its speed.
+    result = client.call("POST", f"/api/v1/modules/{args.module}/commands", json_body=body)
+    print(result["reason"])
+    if not result["accepted"]:
         return REFUSED
-    if not result.done and not args.no_wait:
+    if not result["done"] and not args.no_wait:
         return REFUSED
     return DONE
 
 
 def run_logs(args: argparse.Namespace, client: Client, console: Console) -> int:
+    from agent.api.schemas import EventOut
+
     events = [
         EventOut.model_validate(e)
         for e in client.call(
@@ -223,6 +264,8 @@ def run_logs(args: argparse.Namespace, client: Client, console: Console) -> int:
 
 
 def run_config(args: argparse.Namespace) -> int:
+    from agent.config import ConfigError, load_config  # pydantic models: only when needed
+
     if args.config_cmd == "apply":
         fail(
             REFUSED,
@@ -261,6 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.json:
                 print(json.dumps(raw, indent=2))
             else:
+                from agent.api.schemas import Status
+
                 print_status(Status.model_validate(raw), console)
             return DONE
         if args.cmd == "logs":
