@@ -7,9 +7,9 @@ runs a VIP probe, and sends one heartbeat. The world is modelled honestly:
 
 - bringing the module up adds the VIP at once and has the application up
   `acquire_ticks` later; bringing it down stops the application in
-  `release_ticks`, and removes the VIP first (`vip_first`, what a lost lease
-  needs) or only once the application is down (the daemon's order today); the
-  node reports `holds_resources` until both are down;
+  `release_ticks`, and removes the VIP first (`vip_first`, the daemon's order,
+  which a lost lease needs) or only once the application is down; the node
+  reports `holds_resources` until both are down;
 - heartbeats sent by the node that ticks first are seen by the other on the same
   tick (their clocks are out of phase; `tick(first=...)` says which node leads),
   and `tick(first=None)` runs both at the same instant, each on the other's
