@@ -349,7 +349,7 @@ class Agent:
             state=m.state,
             data=m.data,
             preferred=preferred,
-            auto_failback=m.cfg.default_primary == self.node.name,
+            auto_failback=m.cfg.default_primary == self.node.name and not m.failback_suppressed,
             running=m.running,
             stop_reason=m.stop_reason,
             maintenance=m.maintenance,

@@ -84,6 +84,7 @@ class ModuleRuntime:
     pending: dict[str, float] = field(default_factory=dict)  # one-shot intent -> deadline
     yielding: bool = False
     wants_primary: bool = False
+    failback_suppressed: bool = False  # default_primary gave the role away on purpose
     kill_on_stop: bool = False
     vip_held: bool = False
     app_started: bool = False
@@ -183,6 +184,12 @@ class ModuleRuntime:
         """Remember a decision; log and store it when the state or the reason changed."""
         for intent in decision.consumed:
             self.pending.pop(intent, None)
+        if decision.serves:
+            self.failback_suppressed = False
+        elif self.state.is_serving and decision.yielding:
+            # The role was handed over on an operator's word (swap, `second`, `stop`):
+            # automatic failback is for a node that returns, not for undoing that.
+            self.failback_suppressed = True
         self.yielding = decision.yielding
         self.last_lease_action = decision.lease
         if decision.data is not self.data:

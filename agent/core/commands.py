@@ -89,8 +89,9 @@ def evaluate(command: Command, view: ModuleView) -> Outcome:
     state = view.state
     peer = view.peer
     if command is Command.START:
-        if view.running:
+        if view.running and view.hold is None and view.gave_up is None:
             return Outcome(True, "already started", already=True)
+        # On a running module, `start` is how an operator lifts a hold after fixing its cause.
         return _accept("starting", {Intent.RUN}, frozenset(State) - {State.STOP})
     if command is Command.STOP:
         return _accept("stopping here", {Intent.STOP}, frozenset({State.STOP}))

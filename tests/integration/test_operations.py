@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 
-from tests.cluster import VIP, Cluster
+from tests.cluster import VIP, Cluster, demo_module
 from tests.integration.support import (
     ClientLoad,
     assert_nothing_changes,
@@ -126,4 +126,43 @@ def test_maintenance_on_both_nodes_suspends_failover_until_turned_off(lab: Lab) 
         assert done.returncode == 0, done
         cluster.wait_state("node2", "ALONE", timeout=15)
         wait_served_by(cluster, "node2")
+    assert_one_holder(watch)
+
+
+def test_default_primary_takes_the_role_back_on_return_but_not_after_a_swap(lab: Lab) -> None:
+    """Failback: the returning default_primary never preempts (it is SECOND first), then the
+    roles swap back on their own; a swap an operator made away from it is not undone."""
+    cluster = Cluster(lab, modules=[demo_module(default_primary="node1")]).start()
+    cluster.wait_healthy_pair("node1")
+    with lab.watch_vip(VIP) as watch:
+        result = cluster.ctl("node1", "swap", "web")
+        assert result.returncode == 0, result.stdout + result.stderr
+        cluster.wait_healthy_pair("node2")
+        # The operator moved the role on purpose: it stays where it was put.
+        assert_nothing_changes(cluster, 3 * PEER_TIMEOUT, watch=watch)
+
+        lab.power_loss("node2")
+        cluster.wait_state("node1", ("ALONE",), timeout=15)
+        lab.power_on("node2")
+        cluster.start_agent("node2")
+        cluster.wait_healthy_pair("node1")
+        # node2 is not the default primary: it stays secondary.
+        assert_nothing_changes(cluster, 3 * PEER_TIMEOUT, watch=watch)
+
+        result = cluster.ctl("node2", "swap", "web")
+        assert result.returncode == 0, result.stdout + result.stderr
+        cluster.wait_healthy_pair("node2")
+        lab.power_loss("node1")
+        cluster.wait_state("node2", ("ALONE",), timeout=15)
+        lab.power_on("node1")
+        cluster.start_agent("node1")
+        # The returning default primary comes back as SECOND, then takes its role back.
+        back = cluster.wait_state("node1", ("SECOND", "PRIM"), timeout=30)
+        assert back["state"] == "SECOND" or any(
+            e["state"] == "SECOND" for e in cluster.events("node1")
+        )
+        cluster.wait_healthy_pair("node1")
+        assert "asked for the primary role" in " ".join(
+            e["reason"] for e in cluster.events("node2")
+        )
     assert_one_holder(watch)
