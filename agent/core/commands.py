@@ -185,4 +185,7 @@ def evaluate(command: Command, view: ModuleView) -> Outcome:
         )
     if state is State.SECOND:
         return Outcome(True, "already secondary", already=True)
+    if peer is None or peer.state not in SERVING:
+        theirs = f"{view.peer_node} is {peer.state}" if peer else f"{view.peer_node} unreachable"
+        return _refuse(f"a secondary needs a primary to follow; {theirs}")
     return _accept("becoming secondary", {Intent.RUN}, frozenset({State.SECOND}))

@@ -277,3 +277,25 @@ def test_maintenance_is_always_accepted_and_done_at_once() -> None:
         assert on.accepted and on.intents == {Intent.MAINTENANCE_ON}
         assert off.accepted and off.intents == {Intent.MAINTENANCE_OFF}
         assert state in on.done_states and state in off.done_states
+
+
+def test_second_without_a_primary_to_follow_is_refused_naming_the_peer() -> None:
+    alone = evaluate(Command.SECOND, view(State.WAIT))
+    assert not alone.accepted and "node2 unreachable" in alone.reason
+    waiting = PeerModule(State.WAIT, DataState.UP_TO_DATE, True, holds_resources=False)
+    both_waiting = evaluate(Command.SECOND, view(State.WAIT, peer=waiting))
+    assert not both_waiting.accepted and "node2 is WAIT" in both_waiting.reason
+    following = evaluate(Command.SECOND, view(State.WAIT, peer=primary()))
+    assert following.accepted and following.done_states == {State.SECOND}
+
+
+def test_start_lifts_a_hold_on_a_running_module() -> None:
+    held = ModuleView(
+        node="node1", peer_node="node2", vip=None, state=State.WAIT,
+        data=DataState.UP_TO_DATE, preferred=True, auto_failback=False,
+        hold="checker failed; held back from the primary role",
+    )  # fmt: skip
+    outcome = evaluate(Command.START, held)
+    assert outcome.accepted and not outcome.already
+    assert Intent.RUN in outcome.intents
+    assert evaluate(Command.START, view(State.WAIT)).already
