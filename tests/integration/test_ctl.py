@@ -168,6 +168,11 @@ def test_logs_keep_the_failover_in_view_while_the_survivor_runs_alone(lab: Lab) 
         lab.power_loss("node1")
         cluster.wait_state("node2", "ALONE", timeout=10)
         wait_served_by(cluster, "node2")
+        # The takeover's reason ("witness granted primary") turns into the steady one once.
+        cluster.wait_until(
+            "node2 says it runs alone",
+            lambda: "running alone" in str((cluster.module("node2") or {}).get("reason")),
+        )
         # Running alone is a steady state, not news: three peer timeouts of it (a dozen
         # decisions) must not push the failover out of the log.
         mark = last_event_id(cluster, "node2")
