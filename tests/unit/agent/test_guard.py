@@ -10,23 +10,23 @@ import select
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from agent.guard import GuardError, GuardHandle
 from agent.host.cgroup import ModuleGroup
 from tests.unit.agent.host.netns import (
     NetnsPair,
+    gone,
     ip,
     netns_pair,
     remove_node_groups,
     unique_prefix,
+    wait_for,
 )
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -73,23 +73,6 @@ async def main(node, vip_address, interface, fence_after):
 
 asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])))
 """
-
-
-def wait_for(what: str, condition: Callable[[], bool], timeout: float = 15.0) -> None:
-    """Polls `condition()` until it is true; fails naming `what` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def gone(pid: int) -> bool:
-    """True if the process has ended (here PID 1 does not reap orphans: zombies count as gone)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 @dataclass

@@ -17,10 +17,14 @@ import secrets
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
+
+import psutil
+import pytest
 
 from agent.host.cgroup import ModuleGroup
 
@@ -197,3 +201,20 @@ def in_netns(ns: str, fn: Callable[[], Awaitable[T]]) -> T:
         return await fn()
 
     return in_netns_sync(ns, lambda: asyncio.run(main()))
+
+
+def wait_for(what: str, condition: Callable[[], bool], timeout: float = 15.0) -> None:
+    """Polls `condition()` until it is true; fails naming `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def gone(pid: int) -> bool:
+    """True if the process has ended (here PID 1 does not reap orphans: zombies count as gone)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from agent.host.cgroup import CgroupError, ModuleGroup, find_cgroup2
@@ -20,30 +18,13 @@ from agent.host.services import (
     ServiceError,
     ServiceSpec,
 )
-from tests.unit.agent.host.netns import module_group
+from tests.unit.agent.host.netns import gone, module_group, wait_for
 
 
 @pytest.fixture
 def group() -> Iterator[ModuleGroup]:
     with module_group() as made:
         yield made
-
-
-def wait_for(what: str, condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Polls `condition()` until it is true; fails naming `what` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def gone(pid: int) -> bool:
-    """True if the process has ended (here PID 1 does not reap orphans: zombies count as gone)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def daemon_script(pidfile: Path, body: str = "sleep 1000") -> str:
