@@ -1,0 +1,161 @@
+"""Generation ids decide resync direction and split brain from data: checked against the truth.
+
+A hypothesis state machine plays two nodes through disconnections, sessions alone,
+reboots, mirrored writes and reconnections, keeping the ground truth (which writes
+each copy holds) beside the generation ids; on every reconnection `compare` must
+name the side that holds more, or a split brain when neither holds all.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from agent.core.generations import EMPTY, Generations, SyncVerdict, compare
+
+FROM_LOCAL = {SyncVerdict.INCREMENTAL_FROM_LOCAL, SyncVerdict.FULL_FROM_LOCAL}
+FROM_PEER = {SyncVerdict.INCREMENTAL_FROM_PEER, SyncVerdict.FULL_FROM_PEER}
+MIRROR = {
+    SyncVerdict.FIRST_START: SyncVerdict.FIRST_START,
+    SyncVerdict.IN_SYNC: SyncVerdict.IN_SYNC,
+    SyncVerdict.INCREMENTAL_FROM_LOCAL: SyncVerdict.INCREMENTAL_FROM_PEER,
+    SyncVerdict.INCREMENTAL_FROM_PEER: SyncVerdict.INCREMENTAL_FROM_LOCAL,
+    SyncVerdict.FULL_FROM_LOCAL: SyncVerdict.FULL_FROM_PEER,
+    SyncVerdict.FULL_FROM_PEER: SyncVerdict.FULL_FROM_LOCAL,
+    SyncVerdict.SPLIT_BRAIN: SyncVerdict.SPLIT_BRAIN,
+    SyncVerdict.UNRELATED: SyncVerdict.UNRELATED,
+}
+
+
+def test_first_meeting_of_a_new_cluster() -> None:
+    assert compare(Generations(), Generations()) is SyncVerdict.FIRST_START
+
+
+def test_a_node_that_ran_alone_resyncs_incrementally_to_its_peer() -> None:
+    base = Generations(current=11)
+    alone = base.serving_alone(12)
+    assert alone == Generations(current=12, bitmap=11)
+    assert compare(alone, base) is SyncVerdict.INCREMENTAL_FROM_LOCAL
+    assert compare(base, alone) is SyncVerdict.INCREMENTAL_FROM_PEER
+    # Two sessions alone in a row keep the oldest base: still incremental.
+    again = alone.serving_alone(13)
+    assert again.bitmap == 11
+    assert compare(again, base) is SyncVerdict.INCREMENTAL_FROM_LOCAL
+
+
+def test_both_ran_alone_from_the_same_base_is_a_split_brain() -> None:
+    base = Generations(current=11)
+    assert compare(base.serving_alone(12), base.serving_alone(13)) is SyncVerdict.SPLIT_BRAIN
+
+
+def test_data_with_nothing_in_common_is_reported_as_unrelated() -> None:
+    assert compare(Generations(current=5), Generations(current=7)) is SyncVerdict.UNRELATED
+
+
+def test_an_empty_node_gets_everything() -> None:
+    assert compare(Generations(), Generations(current=3)) is SyncVerdict.FULL_FROM_PEER
+    assert compare(Generations(current=3), Generations()) is SyncVerdict.FULL_FROM_LOCAL
+
+
+def test_after_a_resync_both_are_in_sync_and_the_base_is_history() -> None:
+    source = Generations(current=11).serving_alone(12)
+    target = Generations(current=11).after_resync_as_target(source)
+    source = source.after_resync_as_source()
+    assert compare(source, target) is SyncVerdict.IN_SYNC
+    assert source == Generations(current=12, bitmap=EMPTY, history=(11,))
+
+
+def test_a_new_generation_needs_a_fresh_id() -> None:
+    with pytest.raises(ValueError, match="fresh"):
+        Generations(current=4).serving_alone(4)
+    with pytest.raises(ValueError, match="fresh"):
+        Generations(current=4).serving_alone(EMPTY)
+
+
+NODES = ("a", "b")
+
+
+class Pair(RuleBasedStateMachine):
+    """Two nodes; the truth is the set of writes each copy holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids = itertools.count(1)
+        self.gens = {n: Generations() for n in NODES}
+        self.writes: dict[str, frozenset[int]] = {n: frozenset() for n in NODES}
+        self.session_open = {n: False for n in NODES}
+        self.connected = False
+
+    def other(self, node: str) -> str:
+        return "b" if node == "a" else "a"
+
+    @precondition(lambda self: self.connected)
+    @rule()
+    def mirrored_write(self) -> None:
+        write = next(self.ids)
+        for n in NODES:
+            self.writes[n] |= {write}
+
+    @precondition(lambda self: self.connected)
+    @rule()
+    def disconnect(self) -> None:
+        self.connected = False
+        self.session_open = {n: False for n in NODES}
+
+    @precondition(lambda self: not self.connected)
+    @rule(node=st.sampled_from(NODES))
+    def write_alone(self, node: str) -> None:
+        if not self.session_open[node]:
+            # Serving without the peer opens a new generation before the first write.
+            self.gens[node] = self.gens[node].serving_alone(next(self.ids))
+            self.session_open[node] = True
+        self.writes[node] |= {next(self.ids)}
+
+    @precondition(lambda self: not self.connected)
+    @rule(node=st.sampled_from(NODES))
+    def reboot(self, node: str) -> None:
+        self.session_open[node] = False
+
+    @precondition(lambda self: not self.connected)
+    @rule(keep=st.sampled_from(NODES))
+    def meet(self, keep: str) -> None:
+        a, b = self.gens["a"], self.gens["b"]
+        verdict = compare(a, b)
+        assert compare(b, a) is MIRROR[verdict]
+        wa, wb = self.writes["a"], self.writes["b"]
+        if not wa and not wb and a.is_empty and b.is_empty:
+            assert verdict is SyncVerdict.FIRST_START
+            self.gens["a"] = Generations(current=next(self.ids))
+            source = "a"
+        elif wa == wb:
+            assert verdict is SyncVerdict.IN_SYNC, (verdict, a, b)
+            source = "a"
+        elif wa > wb:
+            assert verdict in FROM_LOCAL, (verdict, a, b)
+            source = "a"
+        elif wb > wa:
+            assert verdict in FROM_PEER, (verdict, a, b)
+            source = "b"
+        else:
+            # Both copies descend from the first start: diverged, never unrelated.
+            assert verdict is SyncVerdict.SPLIT_BRAIN, (verdict, a, b)
+            source = keep  # resolved by an administrator (`resolve --keep`)
+        target = self.other(source)
+        self.gens[target] = self.gens[target].after_resync_as_target(self.gens[source])
+        self.gens[source] = self.gens[source].after_resync_as_source()
+        self.writes[target] = self.writes[source]
+        self.connected = True
+
+    @invariant()
+    def connected_means_same_generation(self) -> None:
+        if self.connected:
+            assert self.gens["a"].current == self.gens["b"].current
+            assert self.writes["a"] == self.writes["b"]
+
+
+Pair.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+TestPair = Pair.TestCase
