@@ -137,7 +137,6 @@ class Agent:
         self.store.add_event("agent", f"agent starting (version {__version__})")
         log_event(log, "agent starting", node=self.node.name, config_hash=self.config_hash)
         await self.clean_leftovers()
-        self.guard = await GuardHandle.spawn(self.fence_after)
         self.links = HeartbeatLinks(
             self.key,
             self.cfg.cluster.name,
@@ -162,6 +161,9 @@ class Agent:
             )
             await self.witness.start()
         server = await self.start_api()
+        # The guard comes last: nothing is held before the loop runs, and a start that
+        # fails above (a port in use) leaves no process behind.
+        self.guard = await GuardHandle.spawn(self.fence_after)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
@@ -748,7 +750,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, 0, -5)  # heartbeats must not starve under load
-    return asyncio.run(agent.run())
+    try:
+        return asyncio.run(agent.run())
+    except OSError as exc:  # a port or socket path taken, an address gone: say which
+        print(f"tandem-agent: cannot start: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

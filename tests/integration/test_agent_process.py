@@ -60,3 +60,18 @@ def test_agent_refuses_a_broken_configuration_naming_the_key(lab: Lab) -> None:
     log = cluster.log("node1")
     assert "peer_timout" in log
     assert "Traceback" not in log
+
+
+def test_agent_refuses_to_start_when_its_heartbeat_port_is_taken(lab: Lab) -> None:
+    cluster = Cluster(lab)
+    squatter = lab.socket("node1", socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        squatter.bind(("198.18.0.1", 7701))
+        proc = lab.start_agent("node1", cluster.config)
+        assert proc.wait(20) == 1
+    finally:
+        squatter.close()
+    log = cluster.log("node1")
+    assert "cannot start" in log and "198.18.0.1" in log
+    assert "Traceback" not in log
+    assert "198.18.0.100" not in lab.addresses("node1")
