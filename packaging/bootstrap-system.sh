@@ -2,7 +2,7 @@
 # Installs the Debian packages Tandem HA and its tests use, when run as root on a
 # Debian-like system; elsewhere it only says what is missing.
 set -euo pipefail
-pkgs=(python3-venv iproute2 nftables iputils-arping procps psmisc fuse3 util-linux stress-ng)
+pkgs=(python3-venv iproute2 nftables iputils-arping procps psmisc fuse3 util-linux stress-ng postgresql)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
