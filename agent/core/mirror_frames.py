@@ -23,6 +23,8 @@ from typing import Any
 
 import blake3
 
+Buffer = bytes | bytearray | memoryview
+
 MIRROR_PROTOCOL = 1
 MAGIC = b"TM"
 MAC_BYTES = 16
@@ -39,6 +41,7 @@ class FrameKind(IntEnum):
     ACK = 3  # JSON: highest sequence applied (and made durable where asked)
     CONTROL = 4  # JSON: resync, verify and status messages
     ERROR = 5  # JSON: the receiver refuses the stream, with the reason
+    MANIFEST = 6  # binary: a chunk of the receiver's tree manifest (empty: the last one)
 
 
 class StreamError(Exception):
@@ -81,7 +84,7 @@ def encode_parts(key: bytes, kind: FrameKind, seq: int, payload: bytes) -> tuple
     return header, mac.digest(MAC_BYTES)
 
 
-def parse_header(raw: bytes | memoryview) -> Header:
+def parse_header(raw: Buffer) -> Header:
     """The header's fields; StreamError for another protocol or an impossible length."""
     try:
         magic, version, kind, seq, length = HEADER.unpack(raw)
@@ -105,10 +108,10 @@ def parse_header(raw: bytes | memoryview) -> Header:
 
 def verify(
     key: bytes,
-    header_raw: bytes | memoryview,
+    header_raw: Buffer,
     header: Header,
-    payload: bytes | memoryview,
-    mac: bytes | memoryview,
+    payload: Buffer,
+    mac: Buffer,
     expected_seq: int,
 ) -> None:
     """Check a frame's MAC and sequence; StreamError says which check failed."""
@@ -134,7 +137,7 @@ def encode_json(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":"), sort_keys=True).encode()
 
 
-def decode_json(payload: bytes | memoryview) -> dict[str, Any]:
+def decode_json(payload: Buffer) -> dict[str, Any]:
     """A JSON object payload; StreamError if it is anything else."""
     try:
         value = json.loads(bytes(payload))
