@@ -21,7 +21,7 @@ from agent.keys import KeyFileError, generate_key_file
 from agent.paths import SocketNotFound, find_socket
 
 if TYPE_CHECKING:  # pydantic models load in a quarter second: only where they are used
-    from agent.api.schemas import EventOut, Status
+    from agent.api.schemas import EventOut, ReplicationFigures, Status
 
 DONE, REFUSED, USAGE, UNREACHABLE = 0, 1, 2, 3
 
@@ -208,6 +208,49 @@ def print_status(status: Status, console: Console) -> None:
         flags = " [maintenance]" if m.maintenance else ""
         table.add_row(m.name, mine + flags, theirs, m.data, vip, m.service, m.reason)
     console.print(table)
+    for m in status.modules:
+        line = replication_line(m.replication)
+        if line:
+            console.print(f"  {m.name}: {line}")
+
+
+def replication_line(r: ReplicationFigures) -> str:
+    """One line of replication figures; empty for a module without replicated directories."""
+    if r.role is None and r.generation is None:
+        return ""
+    if r.role == "primary":
+        where = "mirroring to the peer" if r.connected else "[orange1]not mirroring (journal)[/]"
+    elif r.role == "secondary":
+        where = "receiving" if r.connected else "[orange1]not receiving[/]"
+        where += ", in sync" if r.in_sync else ", [orange1]not in sync[/]"
+    else:
+        where = "not running"
+    parts = [where]
+    if r.resync is not None:
+        done = r.resync
+        pct = 100.0 * done.done_bytes / done.total_bytes if done.total_bytes else 100.0
+        eta = "?" if done.eta_s is None else f"{done.eta_s:.0f} s"
+        parts.append(
+            f"resync {_size(done.done_bytes)}/{_size(done.total_bytes)} ({pct:.0f}%) "
+            f"at {_size(done.rate_bps)}/s, ETA {eta}"
+        )
+    if r.role == "primary" and r.connected:
+        parts.append(
+            f"lag {r.lag_ms:.0f} ms, ack p50 {r.ack_latency_ms.p50 or 0:.2f} ms "
+            f"p99 {r.ack_latency_ms.p99 or 0:.2f} ms, pending {_size(r.pending_bytes)}, "
+            f"{_size(r.throughput_bps)}/s"
+        )
+    if r.problem:
+        parts.append(f"[bold red]{r.problem}[/]")
+    return "; ".join(parts)
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
 
 
 def print_event(event: EventOut, console: Console) -> None:

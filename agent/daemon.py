@@ -28,19 +28,23 @@ from agent.api.schemas import (
     CheckerStatus,
     CommandResult,
     EventOut,
+    Latency,
     LinkStatus,
     ModuleStatus,
     NodeStatus,
     PeerStatus,
     ReplicationFigures,
+    ResyncStatus,
     Status,
     WitnessStatus,
 )
 from agent.config import ClusterConfig, ConfigError, config_hash, load_config, node_checks
+from agent.core import mirror_frames as mf
 from agent.core.commands import Command, Intent, evaluate
 from agent.core.detector import FailureDetector
 from agent.core.frames import Action, Heartbeat, LeaseItem, Verdict
 from agent.core.machine import (
+    Decision,
     LeaseAction,
     ModuleView,
     PeerModule,
@@ -53,10 +57,13 @@ from agent.guard import GuardHandle
 from agent.host.vip import Vip, address_in_use, remove_vip
 from agent.keys import KeyFileError, load_key
 from agent.logs import log_event, setup_logging
+from agent.mirror.handle import MirrorError
+from agent.mirror.link import parse_hello_frame
 from agent.module import ModuleRuntime, checker_name
 from agent.net.heartbeat import HeartbeatLinks
 from agent.net.witness_client import WitnessClient
 from agent.paths import default_socket_path
+from agent.replication import ReplicationRuntime
 from agent.store import Store
 
 log = logging.getLogger("tandem.agent")
@@ -103,6 +110,12 @@ class Agent:
                 vip = Vip(str(m.vip.address), interface)
             self.modules[m.name] = ModuleRuntime(cfg=m, node=node, store=self.store, vip=vip)
             self.modules[m.name].on_probed = self.wake_soon
+            if m.directories:
+                self.modules[m.name].replication = ReplicationRuntime(
+                    cfg, m, node, self.store, state_dir, self.wake_soon
+                )
+        self.peer_server: asyncio.Server | None = None
+        self.mirror_tasks: dict[str, asyncio.Task[None]] = {}
         self.detector = FailureDetector(len(self.node.heartbeat), timing.peer_timeout)
         self.peer_payload: dict[str, Any] = {}
         self.peer_hash: str | None = None
@@ -161,6 +174,10 @@ class Agent:
             )
             await self.witness.start()
         server = await self.start_api()
+        if any(m.replication is not None for m in self.modules.values()):
+            self.peer_server = await asyncio.start_server(
+                self.on_peer_stream, str(self.node.address), self.cfg.ports.peer
+            )
         # The guard comes last: nothing is held before the loop runs, and a start that
         # fails above (a port in use) leaves no process behind.
         self.guard = await GuardHandle.spawn(self.fence_after)
@@ -253,6 +270,8 @@ class Agent:
         """SIGTERM: release every VIP and application, tell the peer, then exit."""
         sd_notify("STOPPING=1")
         self.store.add_event("agent", "agent stopping: releasing VIPs and applications")
+        if self.peer_server is not None:
+            self.peer_server.close()
         await asyncio.gather(*(m.shutdown() for m in self.modules.values()))
         for module in self.modules.values():
             if module.state is not State.STOP:
@@ -329,6 +348,8 @@ class Agent:
                 "m": m.maintenance,
                 "sa": m.stop_all_at,
             }
+            if m.replication is not None:
+                modules[name]["r"] = m.replication.advertised()
         return {"modules": modules, "leaving": leaving}
 
     # -- the decision cycle --------------------------------------------------------------------
@@ -364,8 +385,7 @@ class Agent:
             peer_silence=self.detector.silence(now),
             peer_incompatible=self.peer_problem if peer is not None else None,
             peer_timeout=self.peer_timeout,
-            in_sync=True,  # replication (next issue) will feed this; until then a
-            # connected secondary is in sync by definition
+            in_sync=self.in_sync(m),
             witness=witness,
             vip_in_use=m.probe_result(now),
             checkers_ok=checkers_ok,
@@ -396,6 +416,7 @@ class Agent:
             if decision.lease is not LeaseAction.NONE:
                 lease_items.append(LeaseItem(m.cfg.name, cast(Action, decision.lease.value)))
             m.run_checkers(now, decision.serves)
+            self.steer_replication(m, decision, now)
         if self.witness is not None and (lease_items or now - self.witness_asked > 1.0):
             # With nothing to ask, an empty request every second keeps the witness's
             # reachability known (shown in status, needed before a failover).
@@ -411,6 +432,100 @@ class Agent:
                     [m.vip for m in self.modules.values() if m.vip is not None],
                     [(self.node.name, name) for name in self.modules],
                 )
+
+    # -- replication -------------------------------------------------------------------------
+
+    def peer_replication(self, name: str) -> Any:
+        raw = self.peer_payload.get("modules", {}).get(name)
+        return raw.get("r") if isinstance(raw, dict) else None
+
+    def in_sync(self, m: ModuleRuntime) -> bool:
+        """A module without directories is always in sync; otherwise replication says."""
+        if m.replication is None:
+            return True
+        peer = ReplicationRuntime.peer_generations(self.peer_replication(m.cfg.name) or {})
+        return m.replication.secondary_in_sync(peer)
+
+    def steer_replication(self, m: ModuleRuntime, decision: Decision, now: float) -> None:
+        """Keep the mirror process in the role the decision gives this node."""
+        r = m.replication
+        if r is None:
+            return
+        peer_alive = self.detector.peer_alive(now)
+        r.tick(
+            decision.state,
+            self.peer_replication(m.cfg.name) if peer_alive else None,
+            str(self.peer_cfg.address),
+            self.cfg.ports.peer,
+            now,
+        )
+        busy = m.transition is not None and not m.transition.done()
+        task = self.mirror_tasks.get(m.cfg.name)
+        if busy or m.app_started or m.vip_held or (task is not None and not task.done()):
+            return
+        if now < r.retry_at:
+            return
+        if decision.state in (State.SECOND, State.WAIT) and r.role != "secondary":
+            self.mirror_tasks[m.cfg.name] = asyncio.create_task(self._mirror_role(m, "secondary"))
+        elif decision.state is State.STOP and r.role is not None:
+            self.mirror_tasks[m.cfg.name] = asyncio.create_task(self._mirror_role(m, None))
+
+    async def _mirror_role(self, m: ModuleRuntime, role: str | None) -> None:
+        assert m.replication is not None
+        try:
+            if role == "secondary":
+                await m.replication.become_secondary()
+            else:
+                await m.replication.stop_mirror(stopped=True)
+        except MirrorError as exc:
+            if m.replication.problem != str(exc):
+                m.event("mirror", f"mirror cannot start: {exc}; retrying every 10 s")
+            m.replication.problem = str(exc)
+            m.replication.retry_at = time.monotonic() + 10.0
+
+    async def on_peer_stream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """A replication stream from the peer: check its HELLO, hand it to the module's receiver."""
+        sock = writer.get_extra_info("socket")
+        try:
+            header_raw = await asyncio.wait_for(reader.readexactly(mf.HEADER_BYTES), 5.0)
+            header = mf.parse_header(header_raw)
+            if header.kind is not mf.FrameKind.HELLO or header.length > 4096:
+                raise mf.StreamError("stream does not open with a HELLO frame")
+            rest = await asyncio.wait_for(reader.readexactly(header.length + mf.MAC_BYTES), 5.0)
+            hello = parse_hello_frame(header_raw + rest, self.key)
+        except (asyncio.IncompleteReadError, TimeoutError, OSError):
+            writer.close()
+            return
+        except (mf.StreamError, KeyError, ValueError) as exc:
+            self.store.add_event("replication", f"refused a replication stream: {exc}")
+            writer.close()
+            return
+        m = self.modules.get(hello.module)
+        reason: str | None
+        if hello.cluster != self.cfg.cluster.name or hello.node != self.peer_cfg.name:
+            reason = f"stream from {hello.node} of cluster {hello.cluster} is not from our peer"
+        elif m is None or m.replication is None:
+            reason = f"module {hello.module} has no replicated directories here"
+        else:
+            fd = os.dup(sock.fileno())
+            try:
+                reason = m.replication.hand_stream(hello.raw, fd)
+            finally:
+                os.close(fd)
+        if reason is not None:
+            with contextlib.suppress(OSError):
+                writer.write(
+                    mf.encode(
+                        mf.base_key(self.key),
+                        mf.FrameKind.ERROR,
+                        0,
+                        mf.encode_json({"reason": reason}),
+                    )
+                )
+                await writer.drain()
+        writer.transport.abort()
 
     def check_vip_conflicts(self, now: float) -> None:
         """Probe each VIP once at start (and again while in conflict): another host answering
@@ -583,7 +698,7 @@ class Agent:
                         )
                         for c in m.checkers
                     ],
-                    replication=ReplicationFigures(),
+                    replication=replication_figures(m),
                 )
             )
         witness = WitnessStatus(
@@ -706,6 +821,25 @@ class Agent:
                 return
             await asyncio.sleep(self.interval)
         raise TimeoutError
+
+
+def replication_figures(m: ModuleRuntime) -> ReplicationFigures:
+    if m.replication is None:
+        return ReplicationFigures()
+    st = m.replication.status()
+    resync = st.get("resync")
+    return ReplicationFigures(
+        role=st["role"],
+        connected=st["connected"],
+        in_sync=st["in_sync"],
+        generation=st["generation"],
+        problem=st["problem"],
+        lag_ms=float(st.get("lag_ms", 0.0)),
+        ack_latency_ms=Latency(p50=st.get("ack_latency_ms_p50"), p99=st.get("ack_latency_ms_p99")),
+        pending_bytes=int(st.get("pending_bytes", 0)),
+        throughput_bps=float(st.get("throughput_bps", 0.0)),
+        resync=ResyncStatus(**resync) if resync else None,
+    )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -25,6 +25,8 @@ from agent.host.checkers import CheckResult, CheckSpec, run_check
 from agent.host.services import ScriptResult, ServiceController, ServiceSpec
 from agent.host.vip import Vip, add_vip, address_in_use, announce, remove_vip
 from agent.logs import log_event
+from agent.mirror.handle import MirrorError
+from agent.replication import ReplicationRuntime
 from agent.store import Store
 
 log = logging.getLogger("tandem.module")
@@ -108,6 +110,7 @@ class ModuleRuntime:
     vip_checked: bool = False
     conflict_task: asyncio.Task[None] | None = None
     started_app_at: float = float("inf")  # monotonic end of the last start script
+    replication: ReplicationRuntime | None = None
     group: ModuleGroup = field(init=False)
     service: ServiceController | None = field(init=False)
 
@@ -273,6 +276,15 @@ class ModuleRuntime:
             self.event("vip", f"VIP {self.vip.address} added on {self.vip.interface}")
             with contextlib.suppress(Exception):  # a lost announcement is repeated, not fatal
                 self.announce_task = await announce(self.vip)
+        if self.replication is not None and self.replication.enabled:
+            try:
+                await self.replication.become_primary()
+            except MirrorError as exc:
+                self.gave_up = f"could not mount the replicated directories: {exc}"
+                self.hold = f"{self.gave_up}; held back from the primary role for 30 s"
+                self.hold_until = time.monotonic() + 30.0
+                self.event("mirror", self.gave_up)
+                return
         await self._start_app()
 
     async def _start_app(self) -> None:
@@ -317,6 +329,9 @@ class ModuleRuntime:
             await self.group.kill_async()
         self.kill_on_stop = False
         self.app_started = False
+        if self.replication is not None and self.replication.role == "primary":
+            await self.replication.stop_mirror()
+            self.event("mirror", "replicated directories unmounted")
 
     async def shutdown(self) -> None:
         """Orderly exit: cancel work under way and release everything this node holds."""
@@ -333,6 +348,8 @@ class ModuleRuntime:
         if self.app_started or self.vip_held:
             self.app_started = self.app_started or (self.service is not None)
             await self._bring_down()
+        if self.replication is not None:
+            await self.replication.shutdown()
 
     # -- restarts and checkers -------------------------------------------------------------
 

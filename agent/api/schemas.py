@@ -46,6 +46,13 @@ class Latency(BaseModel):
 
 
 class ReplicationFigures(BaseModel):
+    role: str | None = Field(
+        default=None, description="primary (mirroring) or secondary (receiving)"
+    )
+    connected: bool = False
+    in_sync: bool = False
+    generation: str | None = None
+    problem: str | None = None
     lag_ms: float = 0.0
     ack_latency_ms: Latency = Latency()
     pending_bytes: int = 0

@@ -1,0 +1,1 @@
+"""Replication of directories: the FUSE mirror on the primary, the receiver on the secondary."""

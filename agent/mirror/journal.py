@@ -1,0 +1,557 @@
+"""Durable records of what changed while the peer was away: the ALONE journal and the activity log.
+
+Journal: every mirrored operation of a primary running alone goes through a
+JournalState; those that changed it (a hot range that is already dirty does
+not) are appended as checksummed records and made durable with one fdatasync
+before `record` returns, shared by every thread that recorded meanwhile (group
+commit). Reopening after a crash replays the file: a torn last record is
+dropped, a damaged one in the middle makes the journal untrusted (the resync
+must then compare block hashes). The file is rewritten from the state when it
+has doubled since the last rewrite or would pass `max_bytes`; if the rewrite
+itself would take more than half of `max_bytes` (rewrites would then follow
+each other ever closer) the journal overflows: a durable header flag says the
+next resync must be a full one, the records and the state are dropped, and
+nothing more is written until `clear`. Memory follows the file: the state only
+grows when a record is written.
+
+ActivityLog: DRBD's activity log. Before the first write to a coarse extent
+that is not in the hot set, the extent is recorded durably, and the least
+recently used one leaves the set; after a crash, the extents still in the set
+are where writes the peer never got may lie.
+
+File layout (both): a 16-byte header (8-byte magic, 8-byte field), then
+records: u32 length, u32 CRC-32 of those 4 bytes, the first 8 bytes of BLAKE3
+over length and payload, payload.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import struct
+import threading
+import zlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from blake3 import blake3
+
+from agent.core.journal_state import JournalState, ReplayPlan, decode_entry, encode_entry
+from agent.core.mirror_ops import Op, OpError
+
+JOURNAL_MAGIC = b"TNDJRNL\x01"
+ACTIVITY_MAGIC = b"TNDACTL\x01"
+OVERFLOWED = 1  # header flag: records stopped; the next resync must be a full one
+UNTRUSTED = 2  # header flag: a record may be missing (a failed fdatasync)
+_HEADER = struct.Struct(">8sQ")
+_RECORD = struct.Struct(">II8s")
+_LENGTH = struct.Struct(">I")
+_EXTENT = struct.Struct(">BQ")
+_ADD, _REMOVE = 1, 2
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class JournalError(OSError):
+    """The journal cannot make a record durable: the write it covers must not be acknowledged."""
+
+
+# --- the record format ------------------------------------------------------------------------
+
+
+def _frame(payload: bytes) -> bytes:
+    length = _LENGTH.pack(len(payload))
+    digest = blake3(length + payload).digest(8)
+    return _RECORD.pack(len(payload), zlib.crc32(length), digest) + payload
+
+
+@dataclass
+class _Scan:
+    """What a file holds: its header field, good payloads, where they end, and any damage."""
+
+    header: int = 0
+    payloads: list[bytes] = field(default_factory=list)
+    end: int = _HEADER.size
+    torn: bool = False
+    damage: str = ""
+    fresh: bool = False
+
+
+def _scan(raw: bytes, magic: bytes, where: Path) -> _Scan:
+    scan = _Scan()
+    if len(raw) < _HEADER.size:
+        if magic.startswith(raw[: len(magic)]) or not raw.strip(b"\0"):
+            scan.fresh = True  # empty, or its creation was cut short: start anew
+            return scan
+        scan.damage = f"{where} is not a {magic[:7].decode()} file (unknown header)"
+        return scan
+    head, scan.header = _HEADER.unpack_from(raw)
+    if head != magic:
+        scan.damage = f"{where} is not a {magic[:7].decode()} file (unknown header)"
+        return scan
+    pos = _HEADER.size
+    while pos < len(raw):
+        if len(raw) - pos < _RECORD.size:
+            scan.torn = True
+            break
+        length, check, digest = _RECORD.unpack_from(raw, pos)
+        if zlib.crc32(raw[pos : pos + 4]) != check:
+            if raw[pos:].strip(b"\0"):
+                scan.damage = f"{where}: the record header at byte {pos} is damaged"
+            else:
+                scan.torn = True  # a zero-filled tail: the last append never completed
+            break
+        end = pos + _RECORD.size + length
+        if end > len(raw):
+            scan.torn = True
+            break
+        payload = raw[pos + _RECORD.size : end]
+        if blake3(raw[pos : pos + 4] + payload).digest(8) != digest:
+            if end == len(raw):
+                scan.torn = True
+            else:
+                scan.damage = f"{where}: the record at byte {pos} fails its checksum"
+            break
+        scan.payloads.append(payload)
+        pos = end
+    scan.end = pos
+    return scan
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    offset = 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    # pwrite, not O_APPEND: on Linux pwrite to an O_APPEND file ignores its offset (the header).
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _open(path: Path) -> tuple[int, bytes]:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise JournalError(exc.errno, f"cannot open {path}: {exc.strerror}") from None
+    return fd, _read_all(fd)
+
+
+def _rewrite(path: Path, content: bytes) -> int:
+    """Replace `path` by `content` atomically and durably; the new file's descriptor."""
+    temp = path.with_name(path.name + ".rewrite")
+    fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        _write_all(fd, content, 0)
+        os.fdatasync(fd)
+        os.rename(temp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+# --- the ALONE journal ------------------------------------------------------------------------
+
+
+class Journal:
+    """The durable, coalesced record of what changed while the primary ran alone."""
+
+    def __init__(self, path: Path, *, max_bytes: int = 64 << 20, compact_at: int = 1 << 20) -> None:
+        if max_bytes < 4096:
+            raise ValueError(f"journal max_bytes {max_bytes} is too small: give at least 4096")
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.syncs = 0  # fdatasync calls made for records (group commit shares them)
+        self.reason = ""
+        self._compact_min = compact_at
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._state = JournalState()
+        self._trusted = True
+        self._overflowed = False
+        self._flagged = False  # the untrusted flag is durable in the header
+        self._written = 0  # batches appended
+        self._synced = 0  # batches known durable
+        self._syncing = False
+        self._closed = False
+        self._fd, raw = _open(self.path)
+        self._size = len(raw)
+        try:
+            self._load(raw)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._compact_at = max(self._compact_min, 2 * self._size)
+
+    def _load(self, raw: bytes) -> None:
+        scan = _scan(raw, JOURNAL_MAGIC, self.path)
+        if scan.fresh:
+            self._reset_file(0)
+            _fsync_dir(self.path.parent)
+            return
+        if scan.damage:
+            self._distrust(scan.damage + "; the next resync must compare every block")
+            self._flagged = True  # the damage stays in the file until `clear`: durable
+            return
+        for index, payload in enumerate(scan.payloads):
+            try:
+                self._state.record(decode_entry(payload))
+            except (OpError, ValueError) as exc:
+                self._distrust(f"{self.path}: record {index} is not a journal entry ({exc})")
+                self._flagged = True
+                return
+        if scan.header & UNTRUSTED:
+            self._distrust("an earlier fdatasync of the journal failed")
+            self._flagged = True
+        if scan.header & OVERFLOWED:
+            self._overflowed = True
+            self.reason = f"the journal passed its bound of {self.max_bytes} bytes"
+            self._state = JournalState()
+        if scan.torn:
+            os.ftruncate(self._fd, scan.end)  # later appends must follow the last good record
+            os.fdatasync(self._fd)
+            self._size = scan.end
+
+    # --- what the agent reads -------------------------------------------------------------
+
+    @property
+    def state(self) -> JournalState:
+        return self._state
+
+    @property
+    def trusted(self) -> bool:
+        """False when a record may be missing (`reason` says why): resync by block hashes."""
+        return self._trusted
+
+    @property
+    def overflowed(self) -> bool:
+        """The journal passed `max_bytes`: the next resync must be a full one (by hashes)."""
+        return self._overflowed
+
+    @property
+    def usable(self) -> bool:
+        """An incremental resync may use this journal's plan."""
+        return self._trusted and not self._overflowed
+
+    @property
+    def size_bytes(self) -> int:
+        return self._size
+
+    def plan(self) -> ReplayPlan:
+        """The state's replay plan, taken under the journal's lock (safe against `record`)."""
+        with self._lock:
+            return self._state.replay_plan()
+
+    # --- recording ------------------------------------------------------------------------
+
+    def record(self, ops: Sequence[Op]) -> None:
+        """Record `ops` in order; durable when this returns (JournalError if it cannot be)."""
+        with self._lock:
+            if self._closed:
+                raise JournalError(errno.EBADF, f"the journal {self.path} is closed")
+            if not self.usable:
+                if not self._trusted and not self._flagged:
+                    raise JournalError(errno.EIO, f"the journal cannot record: {self.reason}")
+                return  # the next resync is a full one: it will carry these too
+            records = [_frame(encode_entry(op)) for op in ops if self._state.record(op)]
+            if records:
+                self._append(b"".join(records))
+            self._wait_synced(self._written)
+
+    def _append(self, blob: bytes) -> None:
+        if self._size + len(blob) > self.max_bytes or self._size + len(blob) > self._compact_at:
+            self._compact_locked()  # the state already holds these ops: the rewrite has them
+            return
+        try:
+            _write_all(self._fd, blob, self._size)
+        except OSError as exc:
+            self._undo_append()
+            if exc.errno in _NO_SPACE:
+                self._overflow_locked(f"no space left for the journal ({exc.strerror})")
+                return
+            self._fail(f"appending to {self.path} failed: {exc.strerror}")
+        self._size += len(blob)
+        self._written += 1
+
+    def _undo_append(self) -> None:
+        with contextlib.suppress(OSError):  # a torn tail is dropped on the next open anyway
+            os.ftruncate(self._fd, self._size)
+
+    def _wait_synced(self, target: int) -> None:
+        while self._synced < target:
+            if not self._trusted:
+                if self._flagged:
+                    return  # durably untrusted: a full resync will carry this write
+                raise JournalError(errno.EIO, f"the journal cannot record: {self.reason}")
+            if self._syncing:
+                self._cond.wait()
+                continue
+            self._syncing = True
+            upto, fd = self._written, self._fd
+            self._lock.release()
+            failure: OSError | None = None
+            try:
+                os.fdatasync(fd)
+            except OSError as exc:
+                failure = exc
+            finally:
+                self._lock.acquire()
+                self._syncing = False
+                self._cond.notify_all()
+            self.syncs += 1
+            if failure is not None:
+                self._fail(f"fdatasync of {self.path} failed: {failure.strerror}")
+            self._synced = max(self._synced, upto)
+
+    def _fail(self, reason: str) -> None:
+        """A record may not be durable: distrust the journal (durably if we can) and refuse."""
+        self._distrust(reason)
+        try:
+            os.pwrite(self._fd, struct.pack(">Q", self._flags()), 8)
+            os.fdatasync(self._fd)
+            self._flagged = True
+        except OSError:
+            self._flagged = False
+        raise JournalError(errno.EIO, f"the journal cannot record: {reason}")
+
+    def _distrust(self, reason: str) -> None:
+        self._trusted = False
+        self.reason = reason
+        self._state = JournalState()
+
+    def _flags(self) -> int:
+        return (OVERFLOWED if self._overflowed else 0) | (0 if self._trusted else UNTRUSTED)
+
+    # --- rewriting ------------------------------------------------------------------------
+
+    def compact(self) -> None:
+        """Rewrite the file from the state (temp file, rename, directory fsync)."""
+        with self._lock:
+            if self._closed:
+                raise JournalError(errno.EBADF, f"the journal {self.path} is closed")
+            if self.usable:
+                self._compact_locked()
+
+    def _compact_locked(self) -> None:
+        while self._syncing:
+            self._cond.wait()  # the syncing thread holds the old descriptor
+        body = b"".join(_frame(encode_entry(e)) for e in self._state.entries())
+        content = _HEADER.pack(JOURNAL_MAGIC, self._flags()) + body
+        # Past half the bound, rewrites would follow each other ever closer: overflow instead.
+        if len(content) > self.max_bytes // 2 or self._state.bytes_estimate > 4 * self.max_bytes:
+            self._overflow_locked(
+                f"the journal needs {len(content)} bytes even compacted, more than half its"
+                f" bound of {self.max_bytes} bytes"
+            )
+            return
+        try:
+            fd = _rewrite(self.path, content)
+        except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                self._overflow_locked(f"no space left to compact the journal ({exc.strerror})")
+                return
+            self._fail(f"compacting {self.path} failed: {exc.strerror}")
+        os.close(self._fd)
+        self._fd = fd
+        self._size = len(content)
+        self._synced = self._written
+        self._compact_at = max(self._compact_min, 2 * self._size)
+
+    def _overflow_locked(self, reason: str) -> None:
+        """Stop recording: a durable flag asks for a full resync; the records are dropped."""
+        while self._syncing:
+            self._cond.wait()
+        self._overflowed = True
+        self.reason = reason
+        self._state = JournalState()
+        try:
+            os.pwrite(self._fd, struct.pack(">Q", self._flags()), 8)
+            os.fdatasync(self._fd)
+            os.ftruncate(self._fd, _HEADER.size)
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            self._fail(f"marking the journal overflowed failed: {exc.strerror}")
+        self._size = _HEADER.size
+        self._synced = self._written
+
+    def clear(self) -> None:
+        """Forget everything (a resync completed): an empty, trusted journal, durably."""
+        with self._lock:
+            if self._closed:
+                raise JournalError(errno.EBADF, f"the journal {self.path} is closed")
+            while self._syncing:
+                self._cond.wait()
+            self._reset_file(0)
+            self._state = JournalState()
+            self._trusted, self._overflowed, self._flagged = True, False, False
+            self.reason = ""
+            self._synced = self._written
+            self._compact_at = self._compact_min
+
+    def _reset_file(self, flags: int) -> None:
+        os.ftruncate(self._fd, 0)
+        _write_all(self._fd, _HEADER.pack(JOURNAL_MAGIC, flags), 0)
+        os.fdatasync(self._fd)
+        self._size = _HEADER.size
+
+    def close(self) -> None:
+        with self._lock:
+            while self._syncing:
+                self._cond.wait()
+            if not self._closed:
+                self._closed = True
+                os.close(self._fd)
+
+
+# --- the activity log -------------------------------------------------------------------------
+
+
+class ActivityLog:
+    """The coarse extents that may hold writes the peer has not acknowledged (after a crash)."""
+
+    def __init__(self, path: Path, extent_size: int = 4 << 20, slots: int = 64) -> None:
+        if extent_size < 4096 or slots < 1:
+            raise ValueError(
+                f"activity log extent_size {extent_size} / slots {slots}: give an extent of at"
+                " least 4096 bytes and at least one slot"
+            )
+        self.path = Path(path)
+        self.extent_size = extent_size
+        self.slots = slots
+        self.syncs = 0
+        self.trusted = True
+        self.reason = ""
+        self._lock = threading.Lock()
+        self._hot: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._fd, raw = _open(self.path)
+        self._size = len(raw)
+        try:
+            self._load(raw)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._closed = False
+
+    @classmethod
+    def load(cls, path: Path, extent_size: int = 4 << 20, slots: int = 64) -> ActivityLog:
+        """Open an existing log (after a crash) to read its `extents`."""
+        return cls(path, extent_size, slots)
+
+    def _load(self, raw: bytes) -> None:
+        scan = _scan(raw, ACTIVITY_MAGIC, self.path)
+        if scan.fresh:
+            self._reset()
+            _fsync_dir(self.path.parent)
+            return
+        if scan.damage:
+            self.trusted = False
+            self.reason = scan.damage + "; the returning node must compare every block"
+        if scan.payloads and scan.header != self.extent_size:
+            self.extent_size = scan.header  # its indexes count extents of the size it was made with
+        for payload in scan.payloads:
+            try:
+                kind, index = _EXTENT.unpack_from(payload)
+                name = payload[_EXTENT.size :].decode("utf-8", "surrogateescape")
+            except (struct.error, UnicodeDecodeError) as exc:
+                self.trusted = False
+                self.reason = f"{self.path}: a record is not an extent ({exc})"
+                break
+            if kind == _ADD:
+                self._hot[(name, index)] = None
+            else:
+                self._hot.pop((name, index), None)
+        if scan.torn and not scan.damage:
+            os.ftruncate(self._fd, scan.end)
+            os.fdatasync(self._fd)
+            self._size = scan.end
+        if not scan.payloads and not scan.damage:
+            self._reset()
+
+    def touch(self, path: str, offset: int, length: int) -> None:
+        """Before a write to [offset, offset+length) of `path`: its extents are durably hot."""
+        if length <= 0:
+            return
+        first = offset // self.extent_size
+        last = (offset + length - 1) // self.extent_size
+        with self._lock:
+            hot = self._hot
+            new = []
+            for index in range(first, last + 1):
+                key = (path, index)
+                if key in hot:
+                    hot.move_to_end(key)
+                else:
+                    new.append(key)
+            if not new:
+                return
+            records = []
+            for key in new:
+                hot[key] = None
+                records.append(_extent_record(_ADD, key))
+            while len(hot) > max(self.slots, len(new)):
+                old, _ = hot.popitem(last=False)
+                records.append(_extent_record(_REMOVE, old))
+            blob = b"".join(records)
+            if self._size + len(blob) > max(64 << 10, 8 * self.slots * 64):
+                self._rewrite()
+            else:
+                _write_all(self._fd, blob, self._size)
+                os.fdatasync(self._fd)
+                self._size += len(blob)
+            self.syncs += 1
+
+    def _rewrite(self) -> None:
+        body = b"".join(_extent_record(_ADD, key) for key in self._hot)
+        content = _HEADER.pack(ACTIVITY_MAGIC, self.extent_size) + body
+        fd = _rewrite(self.path, content)
+        os.close(self._fd)
+        self._fd = fd
+        self._size = len(content)
+
+    def extents(self) -> list[tuple[str, int, int]]:
+        """(path, offset, length) of every hot extent, least recently used first."""
+        with self._lock:
+            size = self.extent_size
+            return [(path, index * size, size) for path, index in self._hot]
+
+    def clear(self) -> None:
+        """The peer holds everything: no extent is hot any more, durably."""
+        with self._lock:
+            self._hot.clear()
+            self._reset()
+            self.trusted, self.reason = True, ""
+
+    def _reset(self) -> None:
+        os.ftruncate(self._fd, 0)
+        _write_all(self._fd, _HEADER.pack(ACTIVITY_MAGIC, self.extent_size), 0)
+        os.fdatasync(self._fd)
+        self._size = _HEADER.size
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self._fd)
+
+
+def _extent_record(kind: int, key: tuple[str, int]) -> bytes:
+    name, index = key
+    return _frame(_EXTENT.pack(kind, index) + name.encode("utf-8", "surrogateescape"))

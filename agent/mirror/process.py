@@ -1,0 +1,339 @@
+"""One module's mirror process on one node: `python -m agent.mirror.process SPEC CONTROL_FD`.
+
+A process of its own, not threads of the agent: FUSE handlers move data at
+GB/s and the agent's decision loop and heartbeats must never wait behind them
+for the interpreter lock. It dies with the agent (PR_SET_PDEATHSIG), so an
+agent killed -9 never leaves a mirror serving writes no one supervises; the
+guard kills the application, and the next agent clears the dead mount.
+
+Roles:
+- primary: each replicated directory is mounted over itself through MirrorFS;
+  writes stream to the peer (or are journalled while ALONE).
+- secondary: each directory is bind-mounted read-only over itself; the receiver
+  writes underneath through descriptors opened before the bind.
+
+Control: JSON lines over a Unix socket with the agent (commands in, events
+out); the agent passes accepted replication sockets with SCM_RIGHTS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent.keys import load_key
+from agent.mirror import link
+from agent.mirror.apply import Applier
+from agent.mirror.excludes import Excludes
+from agent.mirror.fs import MirrorMount, clear_stale_mount
+from agent.mirror.journal import Journal
+from agent.mirror.receiver import Receiver
+from agent.mirror.resync_source import Progress, RateLimit, SourceResync
+from agent.mirror.sender import MirrorReplicator
+
+PR_SET_PDEATHSIG = 1
+FIGURES_EVERY = 1.0
+
+
+class Control:
+    """The JSON-lines channel to the agent (thread-safe sends)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._lock = threading.Lock()
+        self._buffer = b""
+
+    def send(self, message: dict[str, Any]) -> None:
+        data = (json.dumps(message, separators=(",", ":")) + "\n").encode()
+        with self._lock, contextlib.suppress(OSError):
+            self.sock.sendall(data)
+
+    def receive(self) -> tuple[dict[str, Any], list[int]] | None:
+        """The next command and any descriptors sent with it; None when the agent is gone."""
+        while b"\n" not in self._buffer:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, 4)
+            except OSError:
+                return None
+            if not data:
+                return None
+            self._buffer += data
+            if fds:
+                line, _, self._buffer = self._buffer.partition(b"\n")
+                return json.loads(line), list(fds)
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return json.loads(line), []
+
+
+def _excluded(patterns: list[str]) -> Callable[[str, bool], bool] | None:
+    if not patterns:
+        return None
+    excluded: Callable[[str, bool], bool] = Excludes(patterns).excluded
+    return excluded
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:
+        os._exit(1)
+
+
+class MirrorProcess:
+    """One module's mirror on this node; `run()` serves control commands until `stop`."""
+
+    def __init__(self, spec: dict[str, Any], control: Control) -> None:
+        self.spec = spec
+        self.control = control
+        self.module = str(spec["module"])
+        self.node = str(spec["node"])
+        self.dirs = [Path(d["path"]) for d in spec["dirs"]]
+        self.excluded = [_excluded(list(d.get("exclude", []))) for d in spec["dirs"]]
+        self.key = load_key(spec["key_file"])
+        self.state_dir = Path(spec["state_dir"])
+        self.mounts: list[MirrorMount] = []
+        self.bound: list[Path] = []
+        self.root_fds: list[int] = []
+        self.replicator: MirrorReplicator | None = None
+        self.progress: Progress | None = None
+        self.receiver_thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    def event(self, message: dict[str, Any]) -> None:
+        self.control.send(message)
+
+    # --- roles -------------------------------------------------------------------------------
+
+    def start_primary(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        journal = Journal(self.state_dir / f"{self.module}.journal")
+        self.replicator = MirrorReplicator(
+            self.spec.get("mode", "sync"),
+            journal,
+            ack_timeout=float(self.spec.get("ack_timeout", 5.0)),
+            on_event=self.event,
+        )
+        for index, path in enumerate(self.dirs):
+            clear_stale_mount(path)
+            _ensure_dir(path)
+            excludes = Excludes(list(self.spec["dirs"][index].get("exclude", [])))
+            mount = MirrorMount(path, index, self.replicator, excludes)
+            mount.start()
+            self.mounts.append(mount)
+            self.root_fds.append(mount.dir_fd)
+        threading.Thread(target=self._figures_loop, daemon=True).start()
+
+    def start_secondary(self) -> None:
+        for path in self.dirs:
+            clear_stale_mount(path)
+            _ensure_dir(path)
+            self.root_fds.append(os.open(path, os.O_RDONLY | os.O_DIRECTORY))
+            _run(["mount", "--bind", str(path), str(path)])
+            self.bound.append(path)
+            _run(["mount", "-o", "remount,bind,ro", str(path)])
+
+    # --- commands ----------------------------------------------------------------------------
+
+    def connect(self, command: dict[str, Any]) -> None:
+        """Primary: open the stream to the peer and resync as the agent decided."""
+        assert self.replicator is not None
+        peer = command["peer"]
+        try:
+            stream = link.connect(
+                peer["address"],
+                int(peer["port"]),
+                self.key,
+                cluster=str(self.spec["cluster"]),
+                module=self.module,
+                node=self.node,
+            )
+        except (link.LinkClosed, OSError, ValueError) as exc:
+            self.event({"event": "connect_failed", "reason": str(exc)})
+            return
+        resync = str(command.get("resync", "none"))
+        journal = self.replicator.journal
+        if resync == "none" and not journal.state.empty:
+            resync = "incremental"  # written here after the peer last had our data
+        if resync == "incremental" and not journal.usable:
+            resync = "full"
+        with self.replicator.ordered():
+            plan = journal.plan()
+            self.replicator.attach(stream)
+            if resync == "incremental":
+                # Names first, in the same locked section that attaches the stream: every
+                # live operation from now on comes after them.
+                for op in plan.namespace:
+                    self.replicator.enqueue(op)
+                self.replicator.resync_active = True
+                self.replicator.renamed_during_resync = False
+        self.event({"event": "connected", "peer": stream.peer, "resync": resync})
+        ranges = {key: list(spans) for key, spans in plan.ranges.items()}
+        threading.Thread(
+            target=self._resync,
+            args=(resync, ranges, list(plan.metadata), command.get("done", {})),
+            daemon=True,
+        ).start()
+
+    def _resync(
+        self,
+        kind: str,
+        ranges: dict[tuple[int, str], list[tuple[int, int]]],
+        meta: list[tuple[int, str]],
+        done: dict[str, Any],
+    ) -> None:
+        assert self.replicator is not None
+        self.progress = Progress(started=time.monotonic())
+        job = SourceResync(
+            self.replicator,
+            self.root_fds,
+            self.excluded,
+            self.progress,
+            RateLimit(self.spec.get("resync_rate_bps")),
+        )
+        try:
+            if kind == "incremental":
+                job.incremental(ranges)
+                job.metadata_only(meta)
+                if self.replicator.renamed_during_resync:
+                    job.full()
+            elif kind == "full":
+                job.full()
+            ticket = self.replicator.enqueue_control({"type": "resync_done", **done})
+            self.replicator.wait_acked(ticket)
+        except link.LinkClosed as exc:
+            self.event({"event": "resync_interrupted", "reason": str(exc)})
+            return
+        finally:
+            self.replicator.resync_active = False
+        self.replicator.journal.clear()
+        changed = [f"{self.dirs[r]}/{p}" for r, p in job.changed[:200]]
+        self.event({"event": "resync_done", "kind": kind, "changed": changed, **self._progress()})
+        self.progress = None
+
+    def accept(self, command: dict[str, Any], fds: list[int]) -> None:
+        """Secondary: take over an accepted stream the agent hands us and receive on it."""
+        sock = socket.socket(fileno=fds[0])
+        try:
+            hello = link.parse_hello_frame(bytes.fromhex(command["hello"]), self.key)
+            stream = link.accept(sock, hello, self.key, self.node)
+        except Exception as exc:
+            sock.close()
+            self.event({"event": "bad_frame", "reason": f"handshake failed: {exc}"})
+            return
+        applier = Applier(self.root_fds)
+        receiver = Receiver(stream, applier, self.root_fds, self.event, self.excluded)
+
+        def serve() -> None:
+            self.event({"event": "receiving", "peer": hello.node})
+            reason = receiver.run()
+            applier.close()
+            self.event({"event": "stream_ended", "reason": reason})
+
+        self.receiver_thread = threading.Thread(target=serve, daemon=True)
+        self.receiver_thread.start()
+
+    def _figures_loop(self) -> None:
+        while not self._stopping.wait(FIGURES_EVERY):
+            if self.replicator is None:
+                continue
+            figures = self.replicator.figures()
+            message: dict[str, Any] = {"event": "figures", **figures.__dict__}
+            if self.progress is not None:
+                message["resync"] = self._progress()
+            self.event(message)
+
+    def _progress(self) -> dict[str, Any]:
+        if self.progress is None:
+            return {}
+        return self.progress.as_dict(time.monotonic())
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for mount in self.mounts:
+            mount.stop()
+        for path in self.bound:
+            subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+        if self.replicator is not None:
+            self.replicator.step_down("mirror stopped")
+            self.replicator.journal.close()
+
+    def run(self) -> None:
+        while True:
+            received = self.control.receive()
+            if received is None:
+                break
+            command, fds = received
+            name = command.get("cmd")
+            if name == "connect":
+                self.connect(command)
+            elif name == "accept":
+                self.accept(command, fds)
+            elif name == "alone" and self.replicator is not None:
+                self.replicator.go_alone(str(command.get("reason", "peer lost")))
+                self.event({"event": "alone"})
+            elif name == "step_down" and self.replicator is not None:
+                self.replicator.step_down(str(command.get("reason", "stepping down")))
+            elif name == "stop":
+                break
+        self.stop()
+        self.event({"event": "stopped"})
+
+
+def _ensure_dir(path: Path) -> None:
+    """A missing replicated directory is made when its parent exists (a fresh node);
+    a missing parent more likely means a data disk not mounted, which must not be papered over.
+    """
+    if path.is_dir():
+        return
+    if path.exists():
+        raise OSError(f"{path} is not a directory; replicated directories must be directories")
+    if not path.parent.is_dir():
+        raise OSError(
+            f"{path} does not exist, nor does {path.parent}; create it (or mount its disk) "
+            "on both nodes"
+        )
+    path.mkdir(mode=0o755)
+
+
+def _run(argv: list[str]) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise OSError(f"{' '.join(argv)}: {done.stderr.strip() or done.returncode}")
+
+
+def main() -> int:
+    spec = json.loads(sys.argv[1])
+    control = Control(socket.socket(fileno=int(sys.argv[2])))
+    _die_with_parent()
+    signal.signal(
+        signal.SIGTERM, lambda *_: None
+    )  # the agent says `stop`; a TERM alone changes nothing
+    process = MirrorProcess(spec, control)
+    try:
+        if spec["role"] == "primary":
+            process.start_primary()
+        else:
+            process.start_secondary()
+    except Exception as exc:
+        process.stop()
+        reason = str(exc) if isinstance(exc, OSError) and exc.errno is None else repr(exc)
+        control.send({"event": "failed", "reason": reason})
+        return 1
+    control.send({"event": "ready", "role": spec["role"]})
+    process.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

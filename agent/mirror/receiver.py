@@ -1,0 +1,115 @@
+"""The secondary's end of the stream: apply each operation in order, then acknowledge.
+
+An ack says "the first n frames of this session are applied" (made durable
+first where the operation asked for it: the Applier fsyncs those). Acks are
+cumulative and sent when the socket has nothing more to read, so a burst of
+small writes costs one ack, and a lone write is acked at once. An operation
+that cannot be applied (a full disk, a path escaping the directory) is never
+acknowledged: the receiver sends the reason and closes, the primary journals
+what is unacknowledged and goes on alone, and the event log names the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from agent.core import mirror_frames as mf
+from agent.core.mirror_ops import OpError, decode_op
+from agent.mirror.apply import Applier, ApplyError
+from agent.mirror.link import LinkClosed, Stream
+from agent.mirror.manifest import encode_entries, scan
+
+ACK_EVERY = 64
+MANIFEST_CHUNK = 20_000  # entries per MANIFEST frame
+
+
+class Receiver:
+    """Runs one session: `run()` returns when the stream ends, with the reason."""
+
+    def __init__(
+        self,
+        stream: Stream,
+        applier: Applier,
+        root_fds: Sequence[int],
+        on_event: Callable[[dict[str, Any]], None],
+        excluded: Sequence[Callable[[str, bool], bool] | None],
+    ) -> None:
+        self.stream = stream
+        self.applier = applier
+        self.root_fds = list(root_fds)
+        self.excluded = list(excluded)
+        self._on_event = on_event
+        self.applied = 0
+        self.applied_bytes = 0
+
+    def run(self) -> str:
+        processed = 0
+        unacked = 0
+        try:
+            while True:
+                header, payload = self.stream.receive()
+                if header.kind is mf.FrameKind.OP:
+                    op = decode_op(payload)
+                    self.applier.apply(op)
+                    self.applied += 1
+                elif header.kind is mf.FrameKind.CONTROL:
+                    self._control(mf.decode_json(payload))
+                else:
+                    raise mf.StreamError(f"unexpected {header.kind.name} frame from the primary")
+                processed += 1
+                unacked += 1
+                if unacked >= ACK_EVERY or not self._more_to_read():
+                    self.stream.send_json(mf.FrameKind.ACK, {"n": processed})
+                    unacked = 0
+        except ApplyError as exc:
+            self._refuse(f"cannot apply: {exc}")
+            self._on_event({"event": "apply_failed", "reason": str(exc)})
+            return f"cannot apply: {exc}"
+        except (mf.StreamError, OpError) as exc:
+            self._refuse(f"bad frame: {exc}")
+            self._on_event({"event": "bad_frame", "reason": str(exc)})
+            return f"bad frame: {exc}"
+        except LinkClosed as exc:
+            return str(exc)
+        finally:
+            self.stream.close()
+
+    def _more_to_read(self) -> bool:
+        try:
+            return bool(self.stream.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            return False
+        except OSError:
+            return False
+
+    def _control(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "manifest":
+            self._send_manifest(message)
+        else:
+            # resync_begin / resync_progress / resync_done: the agent's business
+            self._on_event({"event": "control", **message})
+
+    def _send_manifest(self, message: dict[str, Any]) -> None:
+        root = int(message["root"])
+        if not 0 <= root < len(self.root_fds):
+            raise mf.StreamError(
+                f"manifest asked for replicated directory {root}, which is not ours"
+            )
+        paths = message.get("paths")
+        chunk = []
+        for entry in scan(self.root_fds[root], self.excluded[root], paths=paths):
+            chunk.append(entry)
+            if len(chunk) >= MANIFEST_CHUNK:
+                self.stream.send(mf.FrameKind.MANIFEST, encode_entries(chunk))
+                chunk = []
+        if chunk:
+            self.stream.send(mf.FrameKind.MANIFEST, encode_entries(chunk))
+        self.stream.send(mf.FrameKind.MANIFEST, b"")
+
+    def _refuse(self, reason: str) -> None:
+        with contextlib.suppress(LinkClosed):
+            self.stream.send_json(mf.FrameKind.ERROR, {"reason": reason})

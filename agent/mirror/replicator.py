@@ -1,0 +1,80 @@
+"""What the mirror file system needs from replication: ordering, tickets and wait points.
+
+The file system applies each mutation locally and enqueues it while holding
+`ordered()`, so the stream's order equals the local order; it then waits
+outside the lock at the point the operation reached. How long a wait blocks is
+the replication mode's business (sync: every op; flush: CLOSE and DURABLE;
+async: rarely), not the file system's.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import AbstractContextManager
+from enum import Enum
+from types import TracebackType
+from typing import Protocol
+
+from agent.core.mirror_ops import Op
+
+
+class WaitPoint(Enum):
+    """Why the file system waits: a plain mutation, a close, or a durability point."""
+
+    WRITE = "write"
+    CLOSE = "close"
+    DURABLE = "durable"
+
+
+class Replicator(Protocol):
+    """The contract between MirrorFS and whatever carries its operations to the peer."""
+
+    def ordered(self) -> AbstractContextManager[None]:
+        """Held while applying locally and enqueueing, so stream order equals local order."""
+        ...
+
+    def enqueue(self, op: Op) -> int:
+        """Queue `op` (inside ordered()); returns its ticket, increasing with each op."""
+        ...
+
+    def wait(self, ticket: int, point: WaitPoint) -> None:
+        """Block as the mode demands (outside ordered()); OSError(EIO) if never acknowledged."""
+        ...
+
+
+class _Ordered:
+    """A reusable context manager over a lock: no allocation per mutation on the hot path."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._lock.release()
+
+
+class LocalReplicator:
+    """No peer at all: ops are dropped, waits return at once (FUSE-alone figures, tests)."""
+
+    def __init__(self) -> None:
+        self._ordered = _Ordered()
+        self._seq = 0
+
+    def ordered(self) -> AbstractContextManager[None]:
+        return self._ordered
+
+    def enqueue(self, op: Op) -> int:
+        self._seq += 1
+        return self._seq
+
+    def wait(self, ticket: int, point: WaitPoint) -> None:
+        return None

@@ -1,0 +1,314 @@
+"""The source side of a resync: make the peer's directories equal to ours while the app writes.
+
+Every step reads the source's CURRENT state under the replicator's ordering
+lock and enqueues the operation there, so it lands in the stream in the same
+order as the application's own mirrored writes: a step never undoes a newer
+live change, and a live change never gets lost behind a stale step.
+
+Two ways to know what differs:
+- incremental: the ALONE journal (namespace operations replayed first, in the
+  same locked section that attaches the stream; then the dirty ranges, whose
+  paths follow later renames because live namespace operations keep feeding the
+  journal state while the resync runs);
+- full: both sides hash their trees by blocks (the receiver answers a
+  `manifest` request in stream order) and only differing blocks are sent;
+  passes repeat until nothing differs, which also catches a rename that moved a
+  file between the two scans.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from agent.core import mirror_frames as mf
+from agent.core.mirror_ops import (
+    Chmod,
+    Chown,
+    Create,
+    Link,
+    Mkdir,
+    Mknod,
+    Op,
+    Rmdir,
+    SetXattr,
+    Symlink,
+    Truncate,
+    Unlink,
+    Utimens,
+    Write,
+)
+from agent.core.resync import plan
+from agent.mirror.link import LinkClosed
+from agent.mirror.manifest import Entry, decode_entries, scan
+from agent.mirror.sender import MirrorReplicator
+
+CHUNK = 1 << 20
+Step = Callable[[int, str, "os.stat_result | None"], None]
+MAX_PASSES = 3
+
+
+@dataclass
+class Progress:
+    """Bytes done of total, the rate and the ETA, as status shows them."""
+
+    total_bytes: int = 0
+    done_bytes: int = 0
+    started: float = 0.0
+    sent_bytes: int = 0
+
+    def rate_bps(self, now: float) -> float:
+        elapsed = now - self.started
+        return self.done_bytes / elapsed if elapsed > 0 else 0.0
+
+    def eta_s(self, now: float) -> float | None:
+        rate = self.rate_bps(now)
+        if rate <= 0:
+            return None
+        return max(0.0, (self.total_bytes - self.done_bytes) / rate)
+
+    def as_dict(self, now: float) -> dict[str, float | int | None]:
+        return {
+            "done_bytes": self.done_bytes,
+            "total_bytes": self.total_bytes,
+            "rate_bps": round(self.rate_bps(now)),
+            "eta_s": None if (eta := self.eta_s(now)) is None else round(eta, 1),
+        }
+
+
+class RateLimit:
+    """A token bucket on bytes sent by the resync (live writes are never limited)."""
+
+    def __init__(self, bytes_per_s: float | None) -> None:
+        self.rate = bytes_per_s
+        self._allowance = 0.0
+        self._last = time.monotonic()
+
+    def take(self, count: int) -> None:
+        if not self.rate:
+            return
+        now = time.monotonic()
+        self._allowance = min(self.rate, self._allowance + (now - self._last) * self.rate)
+        self._last = now
+        self._allowance -= count
+        if self._allowance < 0:
+            time.sleep(-self._allowance / self.rate)
+
+
+class SourceResync:
+    """Runs one resync over the replicator's stream; raises LinkClosed if the link is lost."""
+
+    def __init__(
+        self,
+        replicator: MirrorReplicator,
+        root_fds: Sequence[int],
+        excluded: Sequence[Callable[[str, bool], bool] | None],
+        progress: Progress,
+        limit: RateLimit,
+    ) -> None:
+        self.replicator = replicator
+        self.root_fds = list(root_fds)
+        self.excluded = list(excluded)
+        self.progress = progress
+        self.limit = limit
+        self.last_ticket = 0
+        self.changed: list[tuple[int, str]] = []
+
+    # --- full, by block hashes ---------------------------------------------------------------
+
+    def full(self) -> None:
+        """Passes by hashes; another only if a rename may have moved a file between scans."""
+        for attempt in range(MAX_PASSES):
+            self.replicator.resync_active = True
+            self.replicator.renamed_during_resync = False
+            for root in range(len(self.root_fds)):
+                self._full_pass(root, first=attempt == 0)
+            if not self.replicator.renamed_during_resync:
+                break
+        self._finish()
+
+    def _full_pass(self, root: int, first: bool) -> None:
+        target = self._target_manifest(root)
+        source = list(scan(self.root_fds[root], self.excluded[root]))
+        steps = plan(source, target)
+        if first:
+            self.changed.extend((root, p) for p in steps.changed_paths)
+        self.progress.total_bytes += steps.total_bytes
+        by_path = {e.path: e for e in target}
+        for path in steps.removes:
+            self._remove(root, path, by_path.get(path))
+        for entry in steps.mkdirs:
+            self._locked(root, entry.path, self._mkdir)
+        for entry in steps.creates:
+            self._locked(root, entry.path, self._create)
+        for entry in (*steps.symlinks, *steps.specials):
+            self._locked(root, entry.path, self._special)
+        for existing, new in steps.links:
+            self._link(root, existing, new)
+        for rng in steps.ranges:
+            self._send_range(root, rng.path, rng.offset, rng.length)
+        for path, _size in steps.truncates:
+            self._locked(root, path, self._truncate)
+        for entry in steps.metadata:
+            self._locked(root, entry.path, self._metadata)
+
+    def _target_manifest(self, root: int) -> list[Entry]:
+        ticket = self.replicator.enqueue_control({"type": "manifest", "root": root})
+        entries: list[Entry] = []
+        while True:
+            kind, payload = self._incoming()
+            if kind is not mf.FrameKind.MANIFEST:
+                continue
+            if not payload:
+                break
+            entries.extend(decode_entries(payload))
+        self.replicator.wait_acked(ticket)
+        return entries
+
+    def _incoming(self) -> tuple[mf.FrameKind, bytes]:
+        import queue
+
+        while True:
+            if self.replicator.state.value != "connected":
+                raise LinkClosed(self.replicator.reason)
+            try:
+                return self.replicator.incoming.get(timeout=0.5)
+            except queue.Empty:
+                continue
+
+    # --- incremental, from the journal -------------------------------------------------------
+
+    def incremental(self, ranges: dict[tuple[int, str], list[tuple[int, int]]]) -> None:
+        """Send the journal's dirty ranges (namespace ops were replayed at attach)."""
+        self.progress.total_bytes += sum(
+            end - start for spans in ranges.values() for start, end in spans
+        )
+        for (root, path), spans in ranges.items():
+            for start, end in spans:
+                self._send_range(root, path, start, end - start)
+            self._locked(root, path, self._truncate)
+            self._locked(root, path, self._metadata)
+        self._finish()
+
+    def metadata_only(self, paths: Sequence[tuple[int, str]]) -> None:
+        for root, path in paths:
+            self._locked(root, path, self._metadata)
+
+    # --- steps, each under the ordering lock against the current source --------------------
+
+    def _lstat(self, root: int, path: str) -> os.stat_result | None:
+        try:
+            return os.lstat(path or ".", dir_fd=self.root_fds[root])
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def _locked(self, root: int, path: str, step: Step) -> None:
+        """Run one step against the source's current state of `path`, in stream order."""
+        with self.replicator.ordered():
+            step(root, path, self._lstat(root, path))
+
+    def _enqueue(self, op: Op) -> None:
+        self.last_ticket = self.replicator.enqueue(op)
+
+    def _remove(self, root: int, path: str, target: Entry | None) -> None:
+        with self.replicator.ordered():
+            if self._lstat(root, path) is not None and target is not None:
+                current_kind = _kind(self._lstat(root, path))
+                if current_kind == target.kind:
+                    return  # it came back meanwhile, and a live op already mirrored it
+            if target is not None and target.kind == "dir":
+                self._enqueue(Rmdir(root, path))
+            else:
+                self._enqueue(Unlink(root, path))
+
+    def _mkdir(self, root: int, path: str, st: os.stat_result | None) -> None:
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            self._enqueue(Mkdir(root, path, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid))
+
+    def _create(self, root: int, path: str, st: os.stat_result | None) -> None:
+        if st is not None and stat.S_ISREG(st.st_mode):
+            self._enqueue(Create(root, path, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid))
+
+    def _special(self, root: int, path: str, st: os.stat_result | None) -> None:
+        if st is None:
+            return
+        if stat.S_ISLNK(st.st_mode):
+            target = os.readlink(path, dir_fd=self.root_fds[root])
+            self._enqueue(Symlink(root, path, target, st.st_uid, st.st_gid))
+        elif not stat.S_ISDIR(st.st_mode) and not stat.S_ISREG(st.st_mode):
+            self._enqueue(Mknod(root, path, st.st_mode, st.st_rdev, st.st_uid, st.st_gid))
+
+    def _link(self, root: int, existing: str, new: str) -> None:
+        with self.replicator.ordered():
+            a, b = self._lstat(root, existing), self._lstat(root, new)
+            if a is not None and b is not None and (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev):
+                self._enqueue(Unlink(root, new))
+                self._enqueue(Link(root, existing, new))
+
+    def _send_range(self, root: int, path: str, offset: int, length: int) -> None:
+        end = offset + length
+        while offset < end:
+            size = min(CHUNK, end - offset)
+            with self.replicator.ordered():
+                data = self._read(root, path, offset, size)
+                if data:
+                    self._enqueue(Write(root, path, offset, data))
+            self.progress.done_bytes += size
+            self.limit.take(size)
+            if not data:
+                return
+            offset += size
+
+    def _read(self, root: int, path: str, offset: int, size: int) -> bytes:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.root_fds[root])
+        except OSError:
+            return b""
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return b""
+            return os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
+
+    def _truncate(self, root: int, path: str, st: os.stat_result | None) -> None:
+        if st is not None and stat.S_ISREG(st.st_mode):
+            self._enqueue(Truncate(root, path, st.st_size))
+
+    def _metadata(self, root: int, path: str, st: os.stat_result | None) -> None:
+        if st is None:
+            return
+        if not stat.S_ISLNK(st.st_mode):
+            self._enqueue(Chmod(root, path, stat.S_IMODE(st.st_mode)))
+            for name, value in _xattrs(self.root_fds[root], path):
+                self._enqueue(SetXattr(root, path, name, value))
+        self._enqueue(Chown(root, path, st.st_uid, st.st_gid))
+        self._enqueue(Utimens(root, path, st.st_atime_ns, st.st_mtime_ns))
+
+    def _finish(self) -> None:
+        if self.last_ticket:
+            self.replicator.wait_acked(self.last_ticket)
+
+
+def _kind(st: os.stat_result | None) -> str:
+    if st is None:
+        return ""
+    if stat.S_ISDIR(st.st_mode):
+        return "dir"
+    if stat.S_ISREG(st.st_mode):
+        return "file"
+    if stat.S_ISLNK(st.st_mode):
+        return "symlink"
+    return "other"
+
+
+def _xattrs(root_fd: int, path: str) -> list[tuple[str, bytes]]:
+    where = f"/proc/self/fd/{root_fd}/{path}" if path else f"/proc/self/fd/{root_fd}"
+    try:
+        names = os.listxattr(where, follow_symlinks=False)
+        return [(n, os.getxattr(where, n, follow_symlinks=False)) for n in sorted(names)]
+    except OSError:
+        return []

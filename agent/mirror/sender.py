@@ -1,0 +1,321 @@
+"""The primary's replicator: orders operations onto the stream, waits for acks as the mode says.
+
+States: CONNECTED (ops stream to the secondary), HELD (the link was lost or an
+ack is overdue; applications' waits are held until the agent decides), ALONE
+(every op is journalled durably instead; the held ops first), DOWN (the node
+steps down: held and future waits fail with EIO, so nothing unmirrored is ever
+acknowledged). The agent drives HELD → ALONE or DOWN through the mirror
+process's control channel; the replicator never promotes itself to ALONE,
+because only the agent knows whether the witness still lets it serve.
+"""
+
+from __future__ import annotations
+
+import errno
+import queue
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Literal
+
+from agent.core import mirror_frames as mf
+from agent.core.mirror_ops import Op, Rename, payload_bytes
+from agent.mirror.journal import Journal
+from agent.mirror.link import LinkClosed, Stream
+from agent.mirror.replicator import WaitPoint
+
+Mode = Literal["sync", "flush", "async"]
+
+
+class LinkState(StrEnum):
+    CONNECTED = "connected"
+    HELD = "held"
+    ALONE = "alone"
+    DOWN = "down"
+
+
+@dataclass
+class Figures:
+    """What status shows of replication (DESIGN.md: lag_ms, ack_latency_ms, pending_bytes...)."""
+
+    lag_ms: float
+    ack_latency_ms_p50: float
+    ack_latency_ms_p99: float
+    pending_bytes: int
+    throughput_bps: float
+    state: str
+
+
+class _Latencies:
+    """A window of recent ack latencies for p50/p99, cheap enough for the hot path."""
+
+    def __init__(self, size: int = 2048) -> None:
+        self._values: deque[float] = deque(maxlen=size)
+
+    def add(self, seconds: float) -> None:
+        self._values.append(seconds)
+
+    def quantile(self, q: float) -> float:
+        if not self._values:
+            return 0.0
+        ordered = sorted(self._values)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000.0
+
+
+class MirrorReplicator:
+    """Implements the Replicator protocol of agent.mirror.replicator over one Stream."""
+
+    def __init__(
+        self,
+        mode: Mode,
+        journal: Journal,
+        *,
+        ack_timeout: float,
+        on_event: Callable[[dict[str, Any]], None],
+        async_max_bytes: int = 64 << 20,
+        async_max_age: float = 5.0,
+        flush_window_bytes: int = 256 << 20,
+    ) -> None:
+        self.mode: Mode = mode
+        self.journal = journal
+        self.ack_timeout = ack_timeout
+        self._on_event = on_event
+        self._max_pending = async_max_bytes if mode == "async" else flush_window_bytes
+        self._max_age = async_max_age if mode == "async" else float("inf")
+        self._order = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self._seq = 0
+        self._acked = 0
+        self._unacked: OrderedDict[int, tuple[Op, float]] = OrderedDict()
+        self._pending_bytes = 0
+        self._outbox: deque[Op | dict[str, Any]] = deque()
+        self._base = 0  # the ticket the current session started after
+        self.incoming: queue.Queue[tuple[mf.FrameKind, bytes]] = queue.Queue()
+        self._state = LinkState.ALONE
+        self._stream: Stream | None = None
+        self._threads: list[threading.Thread] = []
+        self._latencies = _Latencies()
+        self._sent_payload = 0
+        self._rate_mark = (time.monotonic(), 0)
+        self._throughput = 0.0
+        self.reason = "no peer yet"
+        # An incremental resync sends dirty ranges by name: a rename while it runs may move
+        # a file it has not sent yet, so the resync then finishes with a pass by hashes.
+        self.resync_active = False
+        self.renamed_during_resync = False
+
+    # --- the Replicator protocol -------------------------------------------------------------
+
+    @contextmanager
+    def ordered(self) -> Iterator[None]:
+        with self._order:
+            yield
+
+    def enqueue(self, op: Op) -> int:
+        with self._cond:
+            self._seq += 1
+            seq = self._seq
+            if self._state is LinkState.ALONE:
+                self.journal.record([op])
+                self._acked = seq
+                return seq
+            if self._state is LinkState.DOWN:
+                return seq
+            if self.resync_active and isinstance(op, Rename):
+                self.renamed_during_resync = True
+            self._unacked[seq] = (op, time.monotonic())
+            self._pending_bytes += payload_bytes(op)
+            if self._state is LinkState.CONNECTED:
+                self._outbox.append(op)
+            self._cond.notify_all()
+            return seq
+
+    def enqueue_control(self, message: dict[str, Any]) -> int:
+        """A control message in stream order (resync markers); its ticket can be waited on."""
+        with self._cond:
+            if self._state is not LinkState.CONNECTED:
+                raise LinkClosed(self.reason)
+            self._seq += 1
+            self._outbox.append(message)
+            self._cond.notify_all()
+            return self._seq
+
+    def wait_acked(self, ticket: int) -> None:
+        """Wait until the peer processed `ticket`; LinkClosed if the link is lost first."""
+        with self._cond:
+            while self._acked < ticket:
+                if self._state is not LinkState.CONNECTED:
+                    raise LinkClosed(self.reason)
+                self._cond.wait(0.5)
+                self._check_overdue()
+
+    def wait(self, ticket: int, point: WaitPoint) -> None:
+        if self.mode == "flush" and point is WaitPoint.WRITE:
+            self._wait_for_room()
+            return
+        if self.mode == "async" and point is WaitPoint.WRITE:
+            self._wait_for_room()
+            return
+        with self._cond:
+            while self._acked < ticket:
+                if self._state is LinkState.DOWN:
+                    raise OSError(errno.EIO, "the node stepped down; this write is not mirrored")
+                self._cond.wait(0.5)
+                self._check_overdue()
+
+    def last_ticket(self) -> int:
+        with self._cond:
+            return self._seq
+
+    def _wait_for_room(self) -> None:
+        """flush/async: writes stream freely until the bound on what is not yet acknowledged."""
+        with self._cond:
+            while self._state in (LinkState.CONNECTED, LinkState.HELD) and (
+                self._pending_bytes > self._max_pending or self._oldest_age() > self._max_age
+            ):
+                self._cond.wait(0.1)
+                self._check_overdue()
+            if self._state is LinkState.DOWN:
+                raise OSError(errno.EIO, "the node stepped down; this write is not mirrored")
+
+    def _oldest_age(self) -> float:
+        if not self._unacked:
+            return 0.0
+        _, first = next(iter(self._unacked.values()))
+        return time.monotonic() - first
+
+    def _check_overdue(self) -> None:
+        # Called with _cond held: an ack overdue while the TCP link looks alive still ends the wait.
+        if self._state is LinkState.CONNECTED and self._oldest_age() > self.ack_timeout:
+            self._lost_locked(f"no acknowledgement from the peer for {self.ack_timeout:g} s")
+
+    # --- driven by the mirror process -----------------------------------------------------------
+
+    def attach(self, stream: Stream) -> None:
+        """Start streaming: everything enqueued from now on goes to the peer."""
+        with self._cond:
+            self._stream = stream
+            self._state = LinkState.CONNECTED
+            self.reason = f"mirroring to {stream.peer}"
+            self._acked = self._seq
+            self._base = self._seq
+            self.incoming = queue.Queue()
+        sender = threading.Thread(target=self._send_loop, args=(stream,), daemon=True)
+        acker = threading.Thread(target=self._ack_loop, args=(stream,), daemon=True)
+        self._threads = [sender, acker]
+        sender.start()
+        acker.start()
+
+    def go_alone(self, reason: str) -> None:
+        """The agent serves without the peer: journal every held op, then release their waits."""
+        with self._order, self._cond:
+            held = [op for op, _ in self._unacked.values()]
+            if held:
+                self.journal.record(held)
+            self._unacked.clear()
+            self._outbox.clear()
+            self._pending_bytes = 0
+            self._acked = self._seq
+            self._state = LinkState.ALONE
+            self.reason = reason
+            self._drop_stream()
+            self._cond.notify_all()
+
+    def step_down(self, reason: str) -> None:
+        """The agent must not serve: held waits fail, nothing unmirrored is acknowledged."""
+        with self._cond:
+            self._state = LinkState.DOWN
+            self.reason = reason
+            self._drop_stream()
+            self._cond.notify_all()
+
+    @property
+    def state(self) -> LinkState:
+        return self._state
+
+    def figures(self) -> Figures:
+        with self._cond:
+            now = time.monotonic()
+            mark_time, mark_bytes = self._rate_mark
+            if now - mark_time >= 1.0:
+                self._throughput = (self._sent_payload - mark_bytes) / (now - mark_time)
+                self._rate_mark = (now, self._sent_payload)
+            return Figures(
+                lag_ms=self._oldest_age() * 1000.0,
+                ack_latency_ms_p50=self._latencies.quantile(0.5),
+                ack_latency_ms_p99=self._latencies.quantile(0.99),
+                pending_bytes=self._pending_bytes,
+                throughput_bps=self._throughput,
+                state=self._state.value,
+            )
+
+    # --- threads ----------------------------------------------------------------------------
+
+    def _send_loop(self, stream: Stream) -> None:
+        while True:
+            with self._cond:
+                while not self._outbox and self._stream is stream:
+                    self._cond.wait(0.5)
+                    self._check_overdue()
+                if self._stream is not stream:
+                    return
+                item = self._outbox.popleft()
+            try:
+                if isinstance(item, dict):
+                    stream.send_json(mf.FrameKind.CONTROL, item)
+                else:
+                    stream.send_op(item)
+                    self._sent_payload += payload_bytes(item)
+            except LinkClosed as exc:
+                self._lost(stream, str(exc))
+                return
+
+    def _ack_loop(self, stream: Stream) -> None:
+        try:
+            while True:
+                header, payload = stream.receive()
+                if header.kind in (mf.FrameKind.CONTROL, mf.FrameKind.MANIFEST):
+                    self.incoming.put((header.kind, bytes(payload)))
+                    continue
+                body = mf.decode_json(payload)
+                if header.kind is mf.FrameKind.ERROR:
+                    self._lost(stream, f"the peer refused an operation: {body.get('reason', '?')}")
+                    return
+                self._acknowledge(self._base + int(body["n"]))
+        except (LinkClosed, mf.StreamError, KeyError, ValueError) as exc:
+            self._lost(stream, str(exc))
+
+    def _acknowledge(self, seq: int) -> None:
+        now = time.monotonic()
+        with self._cond:
+            while self._unacked:
+                first = next(iter(self._unacked))
+                if first > seq:
+                    break
+                op, sent_at = self._unacked.pop(first)
+                self._pending_bytes -= payload_bytes(op)
+                self._latencies.add(now - sent_at)
+            self._acked = max(self._acked, seq)
+            self._cond.notify_all()
+
+    def _lost(self, stream: Stream, reason: str) -> None:
+        with self._cond:
+            if self._stream is stream:
+                self._lost_locked(reason)
+
+    def _lost_locked(self, reason: str) -> None:
+        self._state = LinkState.HELD
+        self._outbox.clear()
+        self.reason = f"replication link lost: {reason}"
+        self._drop_stream()
+        self._cond.notify_all()
+        self._on_event({"event": "link_lost", "reason": reason})
+
+    def _drop_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None

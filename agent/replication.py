@@ -1,0 +1,329 @@
+"""One module's replication on this node: its mirror process, data generations and sync status.
+
+The agent's decision loop calls `tick()` after each decision; this object then
+starts, commands or stops the mirror process so the replicated directories
+match the node's role (DESIGN.md's state table: mirrored while PRIM, journalled
+while ALONE, read-only and receiving while SECOND or WAIT, plain while STOP).
+
+Data generations (agent.core.generations) are persisted here and advertised in
+heartbeats; the comparison of both sides decides whether a connected secondary
+is in sync, which direction a resync goes, or that the nodes are split.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.config import ClusterConfig, ModuleConfig
+from agent.core.generations import Generations, SyncVerdict, compare
+from agent.core.states import State
+from agent.logs import log_event
+from agent.mirror.handle import MirrorError, MirrorHandle
+from agent.store import Store
+
+log = logging.getLogger("tandem.replication")
+RECONNECT_EVERY = 1.0
+
+
+def _new_id() -> int:
+    return secrets.randbits(63) or 1
+
+
+@dataclass
+class ReplicationRuntime:
+    """The replication side of one module (only for modules with directories)."""
+
+    cluster: ClusterConfig
+    cfg: ModuleConfig
+    node: str
+    store: Store
+    state_dir: Path
+    wake: Callable[[], None]
+    generations: Generations = field(default_factory=Generations)
+    handle: MirrorHandle | None = None
+    role: str | None = None
+    connected: bool = False  # primary: stream attached; secondary: receiving
+    in_sync: bool = False  # secondary: a resync from the current primary completed
+    resyncing: bool = False
+    resync: dict[str, Any] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)
+    problem: str | None = None  # split brain, refused stream, failed apply...
+    link_lost: str | None = None
+    connect_at: float = 0.0
+    retry_at: float = 0.0  # a mirror that failed to start is retried after a pause
+    connecting: bool = False
+    task: asyncio.Task[None] | None = None
+    changed_files: list[str] = field(default_factory=list)
+
+    pristine: bool = False  # the directories changed only through the mirror since the last sync
+
+    def __post_init__(self) -> None:
+        raw = self.store.get(self._key("generations"))
+        if raw:
+            data = json.loads(raw)
+            self.generations = Generations(data["c"], data["b"], tuple(data["h"]))
+        self.pristine = self.store.get(self._key("pristine")) == "1"
+        if self.store.get(self._key("mounted")) == "1":
+            # This node crashed while primary: writes in flight may be here and not on the
+            # peer, so only a comparison of both sides by hashes may bring it back in sync.
+            self._set_pristine(False, "the agent stopped while primary: a full resync follows")
+            self.store.put(self._key("mounted"), "0")
+
+    def _set_pristine(self, pristine: bool, why: str) -> None:
+        if pristine != self.pristine:
+            self.pristine = pristine
+            self.store.put(self._key("pristine"), "1" if pristine else "0")
+            if not pristine:
+                self.event("replication", why)
+
+    @property
+    def journal_path(self) -> Path:
+        return self.state_dir / "mirror" / f"{self.cfg.name}.journal"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cfg.directories)
+
+    def _key(self, name: str) -> str:
+        return f"module.{self.cfg.name}.{name}"
+
+    def _save(self, generations: Generations, why: str) -> None:
+        self.generations = generations
+        data = {"c": generations.current, "b": generations.bitmap, "h": list(generations.history)}
+        self.store.put(self._key("generations"), json.dumps(data))
+        self.event("generation", f"data generation {generations.current:016x}: {why}")
+
+    def event(self, kind: str, reason: str, **detail: object) -> None:
+        self.store.add_event(kind, reason, module=self.cfg.name, detail=dict(detail) or None)
+        log_event(log, reason, node=self.node, module=self.cfg.name, event=kind)
+
+    def advertised(self) -> dict[str, Any]:
+        """What the peer needs in our heartbeat: generations, and whether we can receive."""
+        g = self.generations
+        return {
+            "g": [g.current, g.bitmap, list(g.history[:2])],
+            "rx": self.role == "secondary" and self.handle is not None,
+            "sync": self.in_sync,
+            "p": self.pristine,
+        }
+
+    @staticmethod
+    def peer_generations(raw: Any) -> Generations | None:
+        try:
+            current, bitmap, history = raw["g"]
+            return Generations(int(current), int(bitmap), tuple(int(h) for h in history))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def verdict(self, peer: Generations | None) -> SyncVerdict | None:
+        return None if peer is None else compare(self.generations, peer)
+
+    def secondary_in_sync(self, peer: Generations | None) -> bool:
+        """The state machine's `in_sync`: receiving from the primary, resync done, same data."""
+        return (
+            self.in_sync
+            and self.connected
+            and peer is not None
+            and self.verdict(peer) is (SyncVerdict.IN_SYNC)
+        )
+
+    # --- the mirror process -------------------------------------------------------------------
+
+    def spec(self, role: str) -> dict[str, Any]:
+        return {
+            "module": self.cfg.name,
+            "node": self.node,
+            "cluster": self.cluster.cluster.name,
+            "role": role,
+            "dirs": [
+                {"path": str(d.path), "exclude": list(d.exclude)} for d in self.cfg.directories
+            ],
+            "mode": self.cfg.replication.mode,
+            "ack_timeout": self.cluster.timing.ack_timeout,
+            "state_dir": str(self.state_dir / "mirror"),
+            "key_file": str(self.cluster.cluster.secret_file),
+        }
+
+    async def become_primary(self) -> None:
+        """Before the application starts: the directories go through the mirror file system."""
+        if self.role == "primary" and self.handle is not None and self.handle.alive:
+            return
+        await self.stop_mirror()
+        # Writes land in the journal until the stream to the peer is attached, so the data
+        # moves on from what the peer holds: a new generation, always (a swap included).
+        self._save(self.generations.serving_alone(_new_id()), "primary: a new data generation")
+        self.in_sync = False
+        self.store.put(self._key("mounted"), "1")
+        handle = MirrorHandle(self.spec("primary"), self.on_mirror_event)
+        try:
+            await handle.start()
+        except MirrorError:
+            self.store.put(self._key("mounted"), "0")
+            raise
+        self.handle, self.role = handle, "primary"
+        self.connected = False
+        self.event("mirror", "replicated directories mounted through the mirror")
+
+    async def become_secondary(self) -> None:
+        if self.role == "secondary" and self.handle is not None and self.handle.alive:
+            return
+        await self.stop_mirror()
+        handle = MirrorHandle(self.spec("secondary"), self.on_mirror_event)
+        await handle.start()
+        self.handle, self.role = handle, "secondary"
+        self.connected = False
+        self.in_sync = False
+
+    async def stop_mirror(self, stopped: bool = False) -> None:
+        """Stop the mirror process; `stopped`: the module is stopped here (directories plain)."""
+        if self.handle is not None:
+            handle, self.handle = self.handle, None
+            await handle.stop()
+            if self.role == "primary":
+                self.store.put(self._key("mounted"), "0")
+        if stopped:
+            self._set_pristine(
+                False, "module stopped: changes to its directories are found by hashes"
+            )
+        self.role = None
+        self.connected = False
+        self.connecting = False
+        self.resyncing = False
+
+    def on_mirror_event(self, message: dict[str, Any]) -> None:
+        kind = message.get("event")
+        if kind == "figures":
+            self.figures = {k: v for k, v in message.items() if k not in ("event", "resync")}
+            if "resync" in message:
+                self.resync = message["resync"]
+            return
+        if kind == "connected":
+            self.connected, self.connecting, self.resyncing = True, False, True
+            self.event(
+                "replication", f"mirroring to {message.get('peer')}: {message.get('resync')} resync"
+            )
+        elif kind == "connect_failed":
+            self.connecting = False
+            self.problem = str(message.get("reason"))
+        elif kind == "link_lost":
+            self.link_lost = str(message.get("reason"))
+            self.connected = False
+            self.event("replication", f"replication link lost: {self.link_lost}")
+        elif kind == "resync_done":
+            self.resyncing = False
+            self.resync = {}
+            self._save(
+                self.generations.after_resync_as_source(), "resync done, the peer is in sync"
+            )
+            changed = message.get("changed") or []
+            self.event(
+                "resync", f"resync done ({message.get('kind')}): {len(changed)} paths differed"
+            )
+        elif kind == "resync_interrupted":
+            self.resyncing = False
+            self.event("resync", f"resync interrupted: {message.get('reason')}")
+        elif kind == "receiving":
+            self.connected = True
+            self.in_sync = False
+            self.event("replication", f"receiving from {message.get('peer')}")
+        elif kind == "control" and message.get("type") == "resync_done":
+            source = self.peer_generations(message)
+            if source is not None:
+                self._save(
+                    self.generations.after_resync_as_target(source), "resynced from the primary"
+                )
+            self.in_sync = True
+        elif kind == "stream_ended":
+            self.connected = False
+            self.in_sync = False
+            self.event("replication", f"replication stream ended: {message.get('reason')}")
+        elif kind in ("apply_failed", "bad_frame"):
+            self.problem = str(message.get("reason"))
+            self.event("replication", f"{kind.replace('_', ' ')}: {self.problem}")
+        elif kind == "exited":
+            self.connected = False
+        self.wake()
+
+    # --- after each decision -------------------------------------------------------------------
+
+    def tick(
+        self, state: State, peer_raw: Any, peer_address: str, peer_port: int, now: float
+    ) -> None:
+        if not self.enabled or self.handle is None or self.role != "primary":
+            return
+        peer = self.peer_generations(peer_raw) if isinstance(peer_raw, dict) else None
+        if self.link_lost is not None or (
+            state is State.ALONE and (self.connected or self.connecting)
+        ):
+            reason = self.link_lost or "peer lost"
+            self.link_lost = None
+            self._save(self.generations.serving_alone(_new_id()), f"serving alone: {reason}")
+            self.handle.send({"cmd": "alone", "reason": reason})
+            self.connected = False
+            self.connecting = False
+            return
+        if state is not State.PRIM or self.connected or self.connecting or peer is None:
+            return
+        if not peer_raw.get("rx") or now < self.connect_at:
+            return
+        verdict = self.verdict(peer)
+        if verdict in (SyncVerdict.SPLIT_BRAIN, SyncVerdict.UNRELATED):
+            message = f"split brain with the peer ({verdict}): resolve with `tandemctl resolve`"
+            if self.problem != message:
+                self.problem = message
+                self.event("split_brain", message)
+            return
+        if verdict in (SyncVerdict.INCREMENTAL_FROM_PEER, SyncVerdict.FULL_FROM_PEER):
+            self.problem = "the peer has newer data than this primary"
+            return
+        resync = "full"
+        if verdict is SyncVerdict.IN_SYNC and not self.generations.is_empty:
+            resync = "none"
+        elif verdict is SyncVerdict.INCREMENTAL_FROM_LOCAL and self.pristine and peer_raw.get("p"):
+            resync = "incremental"
+        self.connect_at = now + RECONNECT_EVERY
+        self.connecting = True
+        g = self.generations.after_resync_as_source()
+        done = {"g": [g.current, g.bitmap, list(g.history)]}
+        self.handle.send(
+            {
+                "cmd": "connect",
+                "peer": {"address": peer_address, "port": peer_port},
+                "resync": resync,
+                "done": done,
+            }
+        )
+
+    def hand_stream(self, hello_raw: bytes, fd: int) -> str | None:
+        """A checked incoming stream for this module: give it to the receiver (None) or refuse."""
+        if self.handle is None or self.role != "secondary":
+            return "this node is not a secondary for the module"
+        if not self.handle.send({"cmd": "accept", "hello": hello_raw.hex()}, (fd,)):
+            return "the receiver is not running"
+        return None
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "role": self.role,
+            "connected": self.connected,
+            "in_sync": self.in_sync,
+            "resync": self.resync if self.resyncing else None,
+            "generation": f"{self.generations.current:016x}",
+            "problem": self.problem,
+            **self.figures,
+        }
+
+    async def shutdown(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.stop_mirror()
+
+
+__all__ = ["MirrorError", "ReplicationRuntime"]

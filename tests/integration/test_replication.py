@@ -1,0 +1,187 @@
+"""Replication on a real cluster: what the primary wrote is on the secondary, through failures.
+
+The demo application appends numbered records, each fsynced before its HTTP 200;
+its data directory is replicated. Every record a client saw acknowledged must be
+on whichever node serves next, and once a returning node has resynced, both
+nodes' directories hold the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.cluster import Cluster
+from tests.lab import Lab, wait_for
+
+CYCLES = int(os.environ.get("TANDEM_ZERO_LOSS_CYCLES", "10"))
+
+
+def data_dir(lab: Lab, node: str) -> Path:
+    """The real files of `node`'s replicated directory (the lab's backing of /srv/tandem-demo)."""
+    return lab.tmp_dir / node / "srv" / "data"
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every regular file under `root` with the hash of its bytes."""
+    digests = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            digests[str(path.relative_to(root))] = hashlib.blake2b(path.read_bytes()).hexdigest()
+    return digests
+
+
+def records_on(lab: Lab, node: str) -> dict[int, str]:
+    """The records file of `node`: seq -> text (a torn last line is ignored, as the app does)."""
+    path = data_dir(lab, node) / "records.log"
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    found = {}
+    for line in raw.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        found[int(record["seq"])] = str(record["data"])
+    return found
+
+
+def replication(cluster: Cluster, node: str) -> dict[str, object]:
+    module = cluster.module(node)
+    return {} if module is None else dict(module["replication"])
+
+
+def wait_in_sync(cluster: Cluster, secondary: str, timeout: float = 60) -> None:
+    cluster.wait_until(
+        f"{secondary} is an in-sync secondary",
+        lambda: (
+            cluster.state(secondary) == "SECOND"
+            and bool(replication(cluster, secondary).get("in_sync"))
+        ),
+        timeout,
+    )
+
+
+def wait_nothing_pending(cluster: Cluster, primary: str) -> None:
+    cluster.wait_until(
+        "nothing left to mirror",
+        lambda: replication(cluster, primary).get("pending_bytes") == 0,
+    )
+
+
+@dataclass
+class Writer:
+    """A client appending records through the VIP; remembers what was acknowledged."""
+
+    cluster: Cluster
+    acked: dict[str, int] = field(default_factory=dict)  # text -> seq
+    paused: threading.Event = field(default_factory=threading.Event)
+    idle: threading.Event = field(default_factory=threading.Event)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _n: int = 0
+
+    def __enter__(self) -> Writer:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self.paused.is_set():
+                self.idle.set()
+                self._stop.wait(0.05)
+                continue
+            self.idle.clear()
+            self._n += 1
+            text = f"record {self._n}"
+            answer = self.cluster.post_record(text.encode(), timeout=1.0)
+            if answer is not None:
+                self.acked[text] = int(answer["seq"])
+            else:
+                self._stop.wait(0.05)
+
+    def wait_more(self, count: int, timeout: float = 30) -> bool:
+        start = len(self.acked)
+        return wait_for(lambda: len(self.acked) >= start + count, timeout)
+
+    def pause(self) -> None:
+        self.paused.set()
+        assert self.idle.wait(10), "the writer did not pause"
+
+    def resume(self) -> None:
+        self.paused.clear()
+
+
+def assert_all_acked_present(lab: Lab, node: str, writer: Writer) -> None:
+    present = set(records_on(lab, node).values())
+    missing = [text for text in list(writer.acked) if text not in present]
+    assert not missing, f"{len(missing)} acknowledged records missing on {node}: {missing[:5]}"
+
+
+@pytest.fixture
+def cluster(lab: Lab) -> Iterator[Cluster]:
+    running = Cluster(lab).start()
+    try:
+        yield running
+    finally:
+        running.stop_agents()
+
+
+def test_records_written_on_the_primary_are_on_the_secondary(lab: Lab, cluster: Cluster) -> None:
+    cluster.wait_healthy_pair("node1")
+    wait_in_sync(cluster, "node2")
+    for n in range(20):
+        assert cluster.post_record(f"mirrored {n}".encode()) is not None
+    primary = records_on(lab, "node1")
+    assert len(primary) >= 20
+    assert records_on(lab, "node2") == primary
+    figures = replication(cluster, "node1")
+    assert figures["role"] == "primary" and figures["connected"]
+
+
+def test_no_acknowledged_record_is_lost_through_power_losses_and_agent_kills(
+    lab: Lab, cluster: Cluster
+) -> None:
+    cluster.wait_healthy_pair("node1")
+    wait_in_sync(cluster, "node2")
+    rng = random.Random(int.from_bytes(os.urandom(4), "big"))
+    primary, standby = "node1", "node2"
+    with Writer(cluster) as writer:
+        for cycle in range(CYCLES):
+            assert writer.wait_more(5), "the writer is stuck"
+            threading.Event().wait(rng.uniform(0.0, 0.5))
+            power_loss = cycle % 2 == 0
+            if power_loss:
+                lab.power_loss(primary)
+            else:
+                os.kill(cluster.agent_pid(primary), 9)
+            cluster.wait_state(standby, ("ALONE", "PRIM"), timeout=30)
+            writer.pause()
+            assert_all_acked_present(lab, standby, writer)
+            writer.resume()
+            if power_loss:
+                lab.power_on(primary)
+            cluster.start_agent(primary)
+            wait_in_sync(cluster, primary)
+            writer.pause()
+            wait_nothing_pending(cluster, standby)
+            assert tree_digest(data_dir(lab, primary)) == tree_digest(data_dir(lab, standby))
+            writer.resume()
+            primary, standby = standby, primary
+    assert len(writer.acked) > CYCLES * 5

@@ -1,0 +1,352 @@
+"""The ALONE journal and the activity log on real files: reopen, damage, bounds, threads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from agent.core import mirror_ops as mo
+from agent.core.ranges import RangeSet
+from agent.mirror.journal import ActivityLog, Journal
+
+KIB4 = 4096
+
+
+def _write(path: str, offset: int, size: int = KIB4, root: int = 0) -> mo.Write:
+    return mo.Write(root, path, offset, b"x" * size)
+
+
+def _session() -> list[mo.Op]:
+    return [
+        mo.Mkdir(0, "d", 0o755, 0, 0),
+        mo.Create(0, "d/f", 0o644, 0, 0),
+        _write("d/f", 0),
+        _write("d/f", 8192),
+        mo.Chmod(1, "g", 0o600),
+        mo.Rename(0, "d", "e"),
+        mo.Truncate(0, "e/f", 10_000),
+        mo.Fsync(0, "e/f"),
+    ]
+
+
+def test_what_was_recorded_is_there_after_reopening(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j")
+    journal.record(_session())
+    plan = journal.plan()
+    journal.close()
+    again = Journal(tmp_path / "j")
+    try:
+        assert again.trusted and not again.overflowed and again.usable
+        assert again.plan() == plan
+        namespace, ranges, metadata = plan
+        assert namespace[-1] == mo.Truncate(0, "e/f", 10_000)
+        assert ranges == {(0, "e/f"): RangeSet([(0, 4096), (8192, 10_000)])}
+        assert metadata == [(1, "g")]
+    finally:
+        again.close()
+
+
+def test_a_torn_last_record_is_dropped_and_appending_goes_on(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j")
+    journal.record([_write("a", 0)])
+    journal.record([_write("b", 0)])
+    journal.close()
+    with open(tmp_path / "j", "r+b") as f:
+        f.truncate(os.path.getsize(tmp_path / "j") - 3)  # the crash cut the last append short
+    journal = Journal(tmp_path / "j")
+    assert journal.trusted
+    assert set(journal.plan().ranges) == {(0, "a")}
+    journal.record([_write("c", 0)])
+    journal.close()
+    journal = Journal(tmp_path / "j")
+    assert journal.trusted
+    assert set(journal.plan().ranges) == {(0, "a"), (0, "c")}
+    journal.close()
+
+
+def test_a_zero_filled_tail_is_a_torn_append(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j")
+    journal.record([_write("a", 0)])
+    journal.close()
+    with open(tmp_path / "j", "ab") as f:
+        f.write(bytes(100))
+    journal = Journal(tmp_path / "j")
+    assert journal.trusted and set(journal.plan().ranges) == {(0, "a")}
+    journal.close()
+
+
+@pytest.mark.parametrize("where", ["header", "payload"])
+def test_a_damaged_record_in_the_middle_makes_the_journal_untrusted(
+    tmp_path: Path, where: str
+) -> None:
+    journal = Journal(tmp_path / "j")
+    for name in "abc":
+        journal.record([_write(name, 0)])
+    journal.close()
+    raw = bytearray((tmp_path / "j").read_bytes())
+    second = 16 + (len(raw) - 16) // 3  # the records have the same size
+    raw[second + (1 if where == "header" else 20)] ^= 0x40
+    (tmp_path / "j").write_bytes(bytes(raw))
+    journal = Journal(tmp_path / "j")
+    try:
+        assert not journal.trusted and not journal.usable
+        assert f"byte {second}" in journal.reason
+        assert "compare every block" in journal.reason
+        journal.record([_write("d", 0)])  # the full resync carries it: no error for the app
+        journal.clear()
+        assert journal.trusted and journal.state.empty
+        journal.record([_write("e", 0)])
+    finally:
+        journal.close()
+    journal = Journal(tmp_path / "j")
+    assert journal.trusted and set(journal.plan().ranges) == {(0, "e")}
+    journal.close()
+
+
+def test_a_file_that_is_not_a_journal_is_not_trusted(tmp_path: Path) -> None:
+    (tmp_path / "j").write_bytes(b"hello, this is not a journal at all")
+    journal = Journal(tmp_path / "j")
+    assert not journal.trusted
+    assert "not a TNDJRNL file" in journal.reason
+    journal.close()
+
+
+def test_a_hot_range_costs_one_record_and_one_sync(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j")
+    try:
+        journal.record([_write("db", 1 << 20)])
+        size = journal.size_bytes
+        for _ in range(10_000):
+            journal.record([_write("db", 1 << 20)])
+        assert journal.size_bytes == size == os.path.getsize(tmp_path / "j")
+        assert journal.syncs == 1
+    finally:
+        journal.close()
+
+
+def test_compaction_keeps_the_state_and_shrinks_the_file(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j", compact_at=1 << 30)
+    try:
+        for i in range(500):
+            journal.record([_write("log", i * KIB4)])  # adjacent: one range in the state
+        journal.record([mo.Unlink(0, "gone"), _write("other", 0)])
+        plan = journal.plan()
+        before = journal.size_bytes
+        journal.compact()
+        assert journal.size_bytes < before / 50
+        assert journal.plan() == plan
+        journal.record([_write("late", 0)])
+    finally:
+        journal.close()
+    reopened = Journal(tmp_path / "j")
+    assert reopened.plan().ranges == {**plan.ranges, (0, "late"): RangeSet([(0, KIB4)])}
+    reopened.close()
+    assert not (tmp_path / "j.rewrite").exists()
+
+
+def test_the_file_is_compacted_as_it_grows(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j", compact_at=8192)
+    try:
+        for i in range(2000):
+            journal.record([_write("log", i * KIB4)])
+            assert journal.size_bytes <= 8192
+        assert list(journal.plan().ranges[(0, "log")]) == [(0, 2000 * KIB4)]
+    finally:
+        journal.close()
+
+
+def test_past_its_bound_the_journal_overflows_durably_and_stops_growing(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j", max_bytes=8192)
+    try:
+        for i in range(400):
+            journal.record([_write(f"file-{i}", 0)])
+            assert os.path.getsize(tmp_path / "j") <= 8192
+        assert journal.overflowed and not journal.usable and journal.trusted
+        assert "8192" in journal.reason
+        assert journal.state.empty  # its memory is freed: the resync is a full one anyway
+    finally:
+        journal.close()
+    journal = Journal(tmp_path / "j", max_bytes=8192)
+    try:
+        assert journal.overflowed
+        journal.clear()
+        assert not journal.overflowed and journal.usable
+    finally:
+        journal.close()
+    journal = Journal(tmp_path / "j", max_bytes=8192)
+    assert not journal.overflowed
+    journal.close()
+
+
+def test_concurrent_callers_all_return_and_every_range_is_recorded(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j")
+    errors: list[BaseException] = []
+    per_thread = 150
+
+    def writer(n: int) -> None:
+        try:
+            for i in range(per_thread):
+                journal.record([_write(f"t{n}", i * 2 * KIB4)])  # gaps: each is a new range
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    try:
+        assert not errors and not any(t.is_alive() for t in threads)
+        assert 1 <= journal.syncs <= 8 * per_thread
+        expected = {(0, f"t{n}"): 150 for n in range(8)}
+        assert {key: len(spans) for key, spans in journal.plan().ranges.items()} == expected
+    finally:
+        journal.close()
+    reopened = Journal(tmp_path / "j")
+    assert {k: len(v) for k, v in reopened.plan().ranges.items()} == expected
+    reopened.close()
+
+
+def test_a_closed_journal_refuses_to_record(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j")
+    journal.close()
+    with pytest.raises(OSError, match="closed"):
+        journal.record([_write("a", 0)])
+
+
+def test_a_bound_too_small_is_refused_clearly(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least 4096"):
+        Journal(tmp_path / "j", max_bytes=100)
+
+
+# --- the activity log ---------------------------------------------------------------------
+
+
+def test_touching_a_hot_extent_again_costs_nothing(tmp_path: Path) -> None:
+    log = ActivityLog(tmp_path / "al", extent_size=1 << 20, slots=4)
+    try:
+        log.touch("db", 0, 4096)
+        size = os.path.getsize(tmp_path / "al")
+        log.touch("db", 8192, 4096)
+        log.touch("db", 0, 1 << 20)
+        log.touch("db", 5, 0)
+        assert log.syncs == 1
+        assert os.path.getsize(tmp_path / "al") == size
+        assert log.extents() == [("db", 0, 1 << 20)]
+    finally:
+        log.close()
+
+
+def test_after_a_crash_the_hot_extents_are_known(tmp_path: Path) -> None:
+    log = ActivityLog(tmp_path / "al", extent_size=1 << 20, slots=8)
+    log.touch("a", (1 << 20) - 10, 20)  # spans two extents
+    log.touch("b/c", 5 << 20, 1)
+    log.close()  # as a crash leaves it: nothing more is written at close
+    loaded = ActivityLog.load(tmp_path / "al", extent_size=4 << 20)
+    try:
+        assert loaded.trusted
+        assert loaded.extent_size == 1 << 20  # the file's own extent size counts
+        assert loaded.extents() == [
+            ("a", 0, 1 << 20),
+            ("a", 1 << 20, 1 << 20),
+            ("b/c", 5 << 20, 1 << 20),
+        ]
+        loaded.clear()
+        assert loaded.extents() == []
+    finally:
+        loaded.close()
+    empty = ActivityLog.load(tmp_path / "al")
+    assert empty.extents() == []
+    empty.close()
+
+
+def test_the_least_recently_used_extent_leaves_the_set(tmp_path: Path) -> None:
+    log = ActivityLog(tmp_path / "al", extent_size=4096, slots=2)
+    log.touch("f", 0, 1)
+    log.touch("f", 4096, 1)
+    log.touch("f", 0, 1)  # extent 0 is the most recent now
+    log.touch("f", 8192, 1)  # evicts extent 1
+    assert log.extents() == [("f", 0, 4096), ("f", 8192, 4096)]
+    log.close()
+    reloaded = ActivityLog.load(tmp_path / "al", extent_size=4096, slots=2)
+    assert sorted(reloaded.extents()) == [("f", 0, 4096), ("f", 8192, 4096)]
+    reloaded.close()
+
+
+def test_the_activity_log_file_stays_small(tmp_path: Path) -> None:
+    log = ActivityLog(tmp_path / "al", extent_size=4096, slots=4)
+    try:
+        for i in range(3000):
+            log.touch("f", i * 4096, 1)
+        assert os.path.getsize(tmp_path / "al") <= 64 << 10
+        assert [offset for _, offset, _ in log.extents()] == [i * 4096 for i in range(2996, 3000)]
+    finally:
+        log.close()
+    reloaded = ActivityLog.load(tmp_path / "al", extent_size=4096, slots=4)
+    assert len(reloaded.extents()) == 4
+    reloaded.close()
+
+
+def test_a_torn_activity_record_is_dropped(tmp_path: Path) -> None:
+    log = ActivityLog(tmp_path / "al", extent_size=4096)
+    log.touch("f", 0, 1)
+    log.touch("g", 0, 1)
+    log.close()
+    with open(tmp_path / "al", "r+b") as f:
+        f.truncate(os.path.getsize(tmp_path / "al") - 2)
+    loaded = ActivityLog.load(tmp_path / "al", extent_size=4096)
+    assert loaded.trusted and loaded.extents() == [("f", 0, 4096)]
+    loaded.close()
+
+
+def test_bad_activity_log_settings_are_refused_clearly(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least one slot"):
+        ActivityLog(tmp_path / "al", slots=0)
+
+
+def test_every_record_that_returned_survives_a_kill_9(tmp_path: Path) -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", _RECORDER, str(tmp_path / "j")],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[4],  # the repository: `agent` imports from there
+    )
+    returned: list[int] = []
+    try:
+        assert child.stdout is not None
+        while len(returned) < 300:
+            line = child.stdout.readline()
+            assert line, "the recording process ended early"
+            returned.append(int(line))
+        child.kill()
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+        if child.stdout is not None:
+            child.stdout.close()
+    journal = Journal(tmp_path / "j")
+    try:
+        assert journal.trusted
+        ranges = journal.plan().ranges
+        assert all((0, f"f{i}") in ranges for i in returned)
+    finally:
+        journal.close()
+
+
+_RECORDER = """
+import sys
+from pathlib import Path
+from agent.core.mirror_ops import Write
+from agent.mirror.journal import Journal
+journal = Journal(Path(sys.argv[1]))
+i = 0
+while True:
+    journal.record([Write(0, f"f{i}", 0, b"x" * 4096)])
+    print(i, flush=True)
+    i += 1
+"""
