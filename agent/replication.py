@@ -127,13 +127,16 @@ class ReplicationRuntime:
         return None if peer is None else compare(self.generations, peer)
 
     def secondary_in_sync(self, peer: Generations | None) -> bool:
-        """The state machine's `in_sync`: receiving from the primary, resync done, same data."""
-        return (
-            self.in_sync
-            and self.connected
-            and peer is not None
-            and self.verdict(peer) is (SyncVerdict.IN_SYNC)
+        """The state machine's `in_sync`: this copy holds exactly the primary's data.
+
+        Same generation on both sides, and nothing changed here outside the mirror since. A
+        stream that ends does not change that (the primary dying ends it first); a primary
+        that carries on without us opens a new generation, which does.
+        """
+        self.in_sync = (
+            peer is not None and self.pristine and self.verdict(peer) is SyncVerdict.IN_SYNC
         )
+        return self.in_sync
 
     # --- the mirror process -------------------------------------------------------------------
 
@@ -223,6 +226,7 @@ class ReplicationRuntime:
             self._save(
                 self.generations.after_resync_as_source(), "resync done, the peer is in sync"
             )
+            self._set_pristine(True, "")
             changed = message.get("changed") or []
             self.event(
                 "resync", f"resync done ({message.get('kind')}): {len(changed)} paths differed"
@@ -232,7 +236,6 @@ class ReplicationRuntime:
             self.event("resync", f"resync interrupted: {message.get('reason')}")
         elif kind == "receiving":
             self.connected = True
-            self.in_sync = False
             self.event("replication", f"receiving from {message.get('peer')}")
         elif kind == "control" and message.get("type") == "resync_done":
             source = self.peer_generations(message)
@@ -240,10 +243,11 @@ class ReplicationRuntime:
                 self._save(
                     self.generations.after_resync_as_target(source), "resynced from the primary"
                 )
-            self.in_sync = True
+            # This copy is now the primary's: a journal of its own earlier changes means nothing.
+            self.journal_path.unlink(missing_ok=True)
+            self._set_pristine(True, "")
         elif kind == "stream_ended":
             self.connected = False
-            self.in_sync = False
             self.event("replication", f"replication stream ended: {message.get('reason')}")
         elif kind in ("apply_failed", "bad_frame"):
             self.problem = str(message.get("reason"))

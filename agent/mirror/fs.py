@@ -762,9 +762,14 @@ class MirrorMount:
             thread.join(timeout=10)
             if thread.is_alive() and self._device:
                 # Requests stuck in the daemon: abort the connection so the loop ends.
-                minor = self._device.split(":")[1]
+                abort = Path(f"/sys/fs/fuse/connections/{self._device.split(':')[1]}/abort")
+                if not abort.exists():
+                    subprocess.run(
+                        ["mount", "-t", "fusectl", "fusectl", "/sys/fs/fuse/connections"],
+                        capture_output=True, timeout=10, check=False,
+                    )  # fmt: skip
                 with contextlib.suppress(OSError):
-                    Path(f"/sys/fs/fuse/connections/{minor}/abort").write_text("1")
+                    abort.write_text("1")
                 thread.join(timeout=10)
         if self._fd >= 0:
             os.close(self._fd)

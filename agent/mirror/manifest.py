@@ -11,6 +11,7 @@ catches them. `encode_entries`/`decode_entries` carry manifests over the stream 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import stat
@@ -19,7 +20,15 @@ from collections.abc import Callable, Iterable, Iterator
 
 from agent.core.resync import BLOCK_SIZE, DIGEST_BYTES, KINDS, Entry, block_digest, zero_digest
 
-__all__ = ["BLOCK_SIZE", "Entry", "decode_entries", "encode_entries", "scan"]
+__all__ = [
+    "BLOCK_SIZE",
+    "Entry",
+    "ManifestReader",
+    "decode_entries",
+    "encode_chunks",
+    "encode_entries",
+    "scan",
+]
 
 READ_CHUNK = 1 << 20
 XATTR_PREFIXES = ("user.", "trusted.", "security.", "system.posix_acl_")
@@ -88,7 +97,7 @@ class _Walker:
 
     def root_entry(self, fd: int) -> Entry:
         st = os.fstat(fd)
-        return self._entry("", "dir", st, xattrs=_xattrs_fd(fd, f"/proc/self/fd/{fd}"))
+        return self._entry("", "dir", st, xattrs=_xattrs_fd(fd))
 
     def subtree(self, fd: int, prefix: str, owned: bool = False) -> Iterator[Entry]:
         """Every entry below the directory `fd` whose path is `prefix`+name, depth first."""
@@ -159,7 +168,7 @@ class _Walker:
         fd = os.open(name, _OPEN_DIR, dir_fd=dir_fd)
         try:
             st = os.fstat(fd)
-            xattrs = _xattrs_fd(fd, f"/proc/self/fd/{fd}")
+            xattrs = _xattrs_fd(fd)
         except BaseException:
             os.close(fd)
             raise
@@ -181,14 +190,16 @@ class _Walker:
             blocks: tuple[bytes, ...] = ()
             if self.hash_blocks and size:
                 blocks, size = _hash_file(fd, st)
-            xattrs = _xattrs_fd(fd, f"/proc/self/fd/{fd}")
+            xattrs = _xattrs_fd(fd)
         finally:
             os.close(fd)
         key = 0
         if st.st_nlink > 1:
             key = self.inodes.setdefault((st.st_dev, st.st_ino), len(self.inodes) + 1)
-        entry = self._entry(path, "file", st, size=size, blocks=blocks, key=key, xattrs=xattrs)
-        return entry, None
+        mode = st.st_mode & 0o7777
+        return Entry(
+            path, "file", mode, st.st_uid, st.st_gid, size, st.st_mtime_ns, "", blocks, key, xattrs
+        ), None
 
     def _other(
         self, dir_fd: int, name: str, path: str, st: os.stat_result
@@ -328,14 +339,14 @@ def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
     return extents
 
 
-def _xattrs_fd(fd: int, where: str) -> tuple[tuple[str, bytes], ...]:
+def _xattrs_fd(fd: int) -> tuple[tuple[str, bytes], ...]:
     try:
         names = os.listxattr(fd)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
             return ()
         if exc.errno == errno.EBADF:  # an O_PATH descriptor
-            return _xattrs_path(where)
+            return _xattrs_path(f"/proc/self/fd/{fd}")
         raise
     if not names:
         return ()
@@ -399,72 +410,113 @@ def _open_beneath(root_fd: int, path: str) -> int:
 # --- wire encoding -------------------------------------------------------------------------
 
 MAGIC = b"TMF1"
+CHUNK_BYTES = 4 << 20  # a manifest frame's size: well under the stream's frame limit
 _HEADER = struct.Struct("<4sI")
 # kind, path len, mode, uid, gid, size, mtime_ns, inode_key, blocks, target len, xattrs
 _FIXED = struct.Struct("<BHIIIQqQIHH")
 _XATTR = struct.Struct("<BI")
 _KIND_CODE = {k: i for i, k in enumerate(KINDS)}
+_CONTINUED = 0x80  # in the kind byte: more digests of this entry follow in the next entry
 
 
 def encode_entries(entries: Iterable[Entry]) -> bytes:
-    """A compact binary chunk of entries (decode_entries reads it back)."""
+    """One chunk holding these entries whole (encode_chunks bounds the size of each chunk)."""
+    encoded = [_encode_one(e, e.blocks, 0) for e in entries]
+    return _HEADER.pack(MAGIC, len(encoded)) + b"".join(encoded)
+
+
+def encode_chunks(entries: Iterable[Entry], max_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """Chunks of at most about `max_bytes`; a file too big for one (over ~16 GiB at 4 MiB) is
+    split across chunks, so read them back with a ManifestReader."""
     parts: list[bytes] = []
-    pack = _FIXED.pack
-    count = 0
+    size = _HEADER.size
     for e in entries:
-        path = e.path.encode("utf-8", "surrogateescape")
-        target = e.target.encode("utf-8", "surrogateescape")
-        parts.append(
-            pack(
-                _KIND_CODE[e.kind],
-                len(path),
-                e.mode,
-                e.uid,
-                e.gid,
-                e.size,
-                e.mtime_ns,
-                e.inode_key,
-                len(e.blocks),
-                len(target),
-                len(e.xattrs),
-            )
-        )
-        parts.append(path)
-        parts.append(target)
-        parts.extend(e.blocks)
-        for name, value in e.xattrs:
-            raw_name = name.encode("utf-8", "surrogateescape")
-            parts.append(_XATTR.pack(len(raw_name), len(value)))
-            parts.append(raw_name)
-            parts.append(value)
-        count += 1
-    return _HEADER.pack(MAGIC, count) + b"".join(parts)
+        for piece in _encode_parts(e, max_bytes):
+            if parts and size + len(piece) > max_bytes:
+                yield _HEADER.pack(MAGIC, len(parts)) + b"".join(parts)
+                parts, size = [], _HEADER.size
+            parts.append(piece)
+            size += len(piece)
+    if parts:
+        yield _HEADER.pack(MAGIC, len(parts)) + b"".join(parts)
+
+
+def _encode_parts(e: Entry, max_bytes: int) -> list[bytes]:
+    whole = _encode_one(e, e.blocks, 0)
+    if _HEADER.size + len(whole) <= max_bytes or not e.blocks:
+        return [whole]
+    room = (max_bytes - _HEADER.size - len(whole) + len(e.blocks) * DIGEST_BYTES) // DIGEST_BYTES
+    room = max(1, room)
+    starts = range(0, len(e.blocks), room)
+    return [
+        _encode_one(e, e.blocks[i : i + room], _CONTINUED if i + room < len(e.blocks) else 0)
+        for i in starts
+    ]
+
+
+def _encode_one(e: Entry, blocks: tuple[bytes, ...], flag: int) -> bytes:
+    path = e.path.encode("utf-8", "surrogateescape")
+    target = e.target.encode("utf-8", "surrogateescape")
+    fields = (len(path), e.mode, e.uid, e.gid, e.size, e.mtime_ns, e.inode_key)
+    head = _FIXED.pack(_KIND_CODE[e.kind] | flag, *fields, len(blocks), len(target), len(e.xattrs))
+    parts = [head, path, target, *blocks]
+    for name, value in e.xattrs:
+        raw_name = name.encode("utf-8", "surrogateescape")
+        parts += (_XATTR.pack(len(raw_name), len(value)), raw_name, value)
+    return b"".join(parts)
 
 
 def decode_entries(raw: bytes) -> list[Entry]:
     """The entries of one chunk; ValueError says what is wrong with a corrupt one."""
-    raw = bytes(raw)
-    total = len(raw)
-    if total < _HEADER.size:
-        raise ValueError(f"manifest chunk of {total} bytes is too short for its header")
-    magic, count = _HEADER.unpack_from(raw, 0)
-    if magic != MAGIC:
-        raise ValueError(f"manifest chunk starts with {magic!r}, not {MAGIC!r}: not a manifest")
-    out: list[Entry] = []
-    append = out.append
-    pos = _HEADER.size
-    unpack = _FIXED.unpack_from
-    fixed = _FIXED.size
-    kinds = KINDS
-    try:
+    reader = ManifestReader()
+    out = reader.feed(raw)
+    reader.close()
+    return out
+
+
+class ManifestReader:
+    """Reads a manifest sent as chunks, joining a huge file's digests split across them."""
+
+    def __init__(self) -> None:
+        self._pending: tuple[Entry, list[bytes]] | None = None
+
+    def feed(self, raw: bytes) -> list[Entry]:
+        """The entries completed by this chunk; ValueError if it is corrupt."""
+        try:
+            return self._feed(bytes(raw))
+        except struct.error as exc:
+            raise ValueError(f"manifest chunk is truncated: {exc}") from exc
+
+    def close(self) -> None:
+        """The manifest ended: an entry still waiting for its digests is an error."""
+        if self._pending is not None:
+            path = self._pending[0].path
+            self._pending = None
+            raise ValueError(f"the manifest ended inside the entry of {path!r} (cut short?)")
+
+    def _feed(self, raw: bytes) -> list[Entry]:
+        total = len(raw)
+        if total < _HEADER.size:
+            raise ValueError(f"manifest chunk of {total} bytes is too short for its header")
+        magic, count = _HEADER.unpack_from(raw, 0)
+        if magic != MAGIC:
+            raise ValueError(f"manifest chunk starts with {magic!r}, not {MAGIC!r}: not one")
+        out: list[Entry] = []
+        append = out.append
+        pos = _HEADER.size
+        unpack = _FIXED.unpack_from
+        fixed = _FIXED.size
+        kinds = KINDS
         for index in range(count):
+            if pos + fixed > total:
+                raise ValueError(f"manifest chunk is truncated after {index} of {count} entries")
             kind, plen, mode, uid, gid, size, mtime, key, nblocks, tlen, nx = unpack(raw, pos)
             pos += fixed
             end = pos + plen + tlen + nblocks * DIGEST_BYTES
             if end > total:
-                raise ValueError(f"entry {index} runs past the end of the chunk")
-            if nblocks and nblocks != -(-size // BLOCK_SIZE):
-                raise ValueError(f"entry {index} has {nblocks} block digests for {size} bytes")
+                raise ValueError(f"manifest entry {index} runs past the end of its chunk")
+            if kind & 0x7F >= len(kinds):
+                raise ValueError(f"manifest entry {index} has unknown kind code {kind}")
             path = str(raw[pos : pos + plen], "utf-8", "surrogateescape")
             pos += plen
             target = str(raw[pos : pos + tlen], "utf-8", "surrogateescape") if tlen else ""
@@ -478,19 +530,40 @@ def decode_entries(raw: bytes) -> list[Entry]:
             xattrs: tuple[tuple[str, bytes], ...] = ()
             if nx:
                 xattrs, pos = _decode_xattrs(raw, pos, nx, index)
-            append(
-                Entry(path, kinds[kind], mode, uid, gid, size, mtime, target, blocks, key, xattrs)
+            entry = Entry(
+                path, kinds[kind & 0x7F], mode, uid, gid, size, mtime, target, blocks, key, xattrs
             )
-    except IndexError as exc:
-        raise ValueError(f"corrupt manifest chunk: entry {len(out)} has an unknown kind") from exc
-    except struct.error as exc:
-        got = len(out)
-        raise ValueError(f"manifest chunk is truncated after {got} of {count} entries") from exc
-    except ValueError as exc:
-        raise ValueError(f"corrupt manifest chunk: {exc}") from exc
-    if pos != total:
-        raise ValueError(f"manifest chunk has {total - pos} stray bytes after {count} entries")
-    return out
+            if kind & _CONTINUED or self._pending is not None:
+                entry_or_none = self._join(entry, bool(kind & _CONTINUED))
+                if entry_or_none is None:
+                    continue
+                entry = entry_or_none
+            if entry.blocks and len(entry.blocks) != -(-entry.size // BLOCK_SIZE):
+                raise ValueError(
+                    f"manifest entry {entry.path!r} has {len(entry.blocks)} block digests "
+                    f"for {entry.size} bytes"
+                )
+            append(entry)
+        if pos != total:
+            raise ValueError(f"manifest chunk has {total - pos} stray bytes after {count} entries")
+        return out
+
+    def _join(self, part: Entry, more: bool) -> Entry | None:
+        """Adds a part of a split entry; the whole entry once its last part came."""
+        if self._pending is None:
+            self._pending = (part, list(part.blocks))
+        else:
+            first, blocks = self._pending
+            if part.path != first.path:
+                raise ValueError(
+                    f"manifest entry {part.path!r} came where the rest of {first.path!r} was due"
+                )
+            blocks.extend(part.blocks)
+        if more:
+            return None
+        first, blocks = self._pending
+        self._pending = None
+        return dataclasses.replace(first, blocks=tuple(blocks))
 
 
 def _decode_xattrs(
@@ -501,7 +574,7 @@ def _decode_xattrs(
         nlen, vlen = _XATTR.unpack_from(raw, pos)
         pos += _XATTR.size
         if pos + nlen + vlen > len(raw):
-            raise ValueError(f"an xattr of entry {index} runs past the end of the chunk")
+            raise ValueError(f"an xattr of manifest entry {index} runs past the end of its chunk")
         name = str(raw[pos : pos + nlen], "utf-8", "surrogateescape")
         xattrs.append((name, raw[pos + nlen : pos + nlen + vlen]))
         pos += nlen + vlen
