@@ -110,6 +110,7 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
         self._all_in = excludes.empty
         self._generation = 0  # bumped by renames: cached exclusion answers go stale
         self._proc = f"/proc/self/fd/{dir_fd}/"
+        self.initialised = threading.Event()  # set once libfuse's loop serves requests
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -629,6 +630,7 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
             conn.max_write = 1 << 20
             # In sync mode write() must not return before the peer has the bytes.
             conn.want &= ~FUSE_CAP_WRITEBACK_CACHE
+        self.initialised.set()
 
 
 class _Fuse(mfusepy.FUSE):  # type: ignore[misc]
@@ -724,11 +726,21 @@ class MirrorMount:
         before = _tandem_mounts(self.path)
         self.fs = MirrorFS(self.root, self._fd, self.replicator, self.excludes)
         self._thread = threading.Thread(target=self._serve, name=f"fuse {self.path}", daemon=True)
-        self._thread.start()
+        # libfuse's fuse_main changes the whole process's working directory to "/".
+        cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self._thread.start()
+            self._await_mount(before, timeout)
+            os.fchdir(cwd)
+        finally:
+            os.close(cwd)
+
+    def _await_mount(self, before: dict[int, str], timeout: float) -> None:
+        assert self.fs is not None and self._thread is not None
         deadline = time.monotonic() + timeout
         while True:
             new = {k: v for k, v in _tandem_mounts(self.path).items() if k not in before}
-            if new:
+            if new and self.fs.initialised.is_set():
                 self._device = next(iter(new.values()))
                 return
             if not self._thread.is_alive() or time.monotonic() > deadline:

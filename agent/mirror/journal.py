@@ -264,17 +264,32 @@ class Journal:
 
     def record(self, ops: Sequence[Op]) -> None:
         """Record `ops` in order; durable when this returns (JournalError if it cannot be)."""
+        self.wait_durable(self.append(ops))
+
+    def append(self, ops: Sequence[Op]) -> int:
+        """Apply and append `ops` without waiting for the disk; `wait_durable` the ticket.
+
+        For a caller that must order ops under its own lock: append there, then wait for
+        durability after releasing it, so that several threads share one fdatasync.
+        """
         with self._lock:
             if self._closed:
                 raise JournalError(errno.EBADF, f"the journal {self.path} is closed")
             if not self.usable:
                 if not self._trusted and not self._flagged:
                     raise JournalError(errno.EIO, f"the journal cannot record: {self.reason}")
-                return  # the next resync is a full one: it will carry these too
+                return 0  # the next resync is a full one: it will carry these too
             records = [_frame(encode_entry(op)) for op in ops if self._state.record(op)]
             if records:
                 self._append(b"".join(records))
-            self._wait_synced(self._written)
+            # Even a batch that wrote nothing waits for the records it relies on (a hot range
+            # recorded by another thread whose fdatasync is still running).
+            return self._written
+
+    def wait_durable(self, ticket: int) -> None:
+        """Return once everything appended up to `ticket` is on disk (one shared fdatasync)."""
+        with self._lock:
+            self._wait_synced(ticket)
 
     def _append(self, blob: bytes) -> None:
         if self._size + len(blob) > self.max_bytes or self._size + len(blob) > self._compact_at:
@@ -510,7 +525,7 @@ class ActivityLog:
                 old, _ = hot.popitem(last=False)
                 records.append(_extent_record(_REMOVE, old))
             blob = b"".join(records)
-            if self._size + len(blob) > max(64 << 10, 8 * self.slots * 64):
+            if self._size + len(blob) > max(4096, 1024 * self.slots):  # 64 KiB for 64 slots
                 self._rewrite()
             else:
                 _write_all(self._fd, blob, self._size)

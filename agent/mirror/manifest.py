@@ -500,7 +500,7 @@ class ManifestReader:
             raise ValueError(f"manifest chunk of {total} bytes is too short for its header")
         magic, count = _HEADER.unpack_from(raw, 0)
         if magic != MAGIC:
-            raise ValueError(f"manifest chunk starts with {magic!r}, not {MAGIC!r}: not one")
+            raise ValueError(f"not a manifest chunk: it starts with {magic!r}, not {MAGIC!r}")
         out: list[Entry] = []
         append = out.append
         pos = _HEADER.size

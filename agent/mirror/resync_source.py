@@ -183,9 +183,11 @@ class SourceResync:
 
     def incremental(self, ranges: dict[tuple[int, str], list[tuple[int, int]]]) -> None:
         """Send the journal's dirty ranges (namespace ops were replayed at attach)."""
-        self.progress.total_bytes += sum(
-            end - start for spans in ranges.values() for start, end in spans
-        )
+        for (root, path), spans in ranges.items():
+            st = self._lstat(root, path)
+            size = st.st_size if st is not None else 0
+            # A range "to the end of the file" (collapse/insert) counts what the file holds.
+            self.progress.total_bytes += sum(max(0, min(end, size) - start) for start, end in spans)
         for (root, path), spans in ranges.items():
             for start, end in spans:
                 self._send_range(root, path, start, end - start)

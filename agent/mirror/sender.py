@@ -107,6 +107,7 @@ class MirrorReplicator:
         # a file it has not sent yet, so the resync then finishes with a pass by hashes.
         self.resync_active = False
         self.renamed_during_resync = False
+        self._journal_ticket = 0
 
     # --- the Replicator protocol -------------------------------------------------------------
 
@@ -120,7 +121,9 @@ class MirrorReplicator:
             self._seq += 1
             seq = self._seq
             if self._state is LinkState.ALONE:
-                self.journal.record([op])
+                # Appended in order here; made durable in wait(), where concurrent writers
+                # share one fdatasync instead of queueing behind each other's.
+                self._journal_ticket = self.journal.append([op])
                 self._acked = seq
                 return seq
             if self._state is LinkState.DOWN:
@@ -154,6 +157,10 @@ class MirrorReplicator:
                 self._check_overdue()
 
     def wait(self, ticket: int, point: WaitPoint) -> None:
+        if self._state is LinkState.ALONE:
+            if self.mode == "sync" or point is not WaitPoint.WRITE:
+                self.journal.wait_durable(self._journal_ticket)
+            return
         if self.mode == "flush" and point is WaitPoint.WRITE:
             self._wait_for_room()
             return

@@ -292,7 +292,7 @@ def _replay(start: ModelFS, end: ModelFS, state: JournalState) -> ModelFS:
     return peer
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(sessions())
 def test_the_replay_plan_rebuilds_the_end_state_from_the_start(
     session: tuple[ModelFS, list[mo.Op]],

@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 
 from agent.core.resync import ResyncPlan, differing_paths, plan, zero_digest
-from agent.mirror.manifest import BLOCK_SIZE, Entry, decode_entries, encode_entries, scan
+from agent.mirror.manifest import (
+    BLOCK_SIZE,
+    Entry,
+    ManifestReader,
+    decode_entries,
+    encode_chunks,
+    encode_entries,
+    scan,
+)
 
 MiB = 1 << 20
 ODD_NAMES = [b"sp ace", b"new\nline", b"\xff\xfe-not-utf8", "é-ü".encode(), b"-dash"]
@@ -189,6 +197,27 @@ def test_a_chunk_cut_short_or_with_stray_bytes_is_refused() -> None:
             decode_entries(raw[:cut])
     with pytest.raises(ValueError, match="stray bytes"):
         decode_entries(raw + b"\x00")
+
+
+def test_chunks_stay_small_and_a_huge_file_spans_several(tmp_path: Path) -> None:
+    build(tmp_path / "t")
+    size = 5000 * BLOCK_SIZE + 7  # 5001 digests: 80 KiB of them
+    huge = Entry(
+        "huge", "file", 0o600, 0, 0, size, 1, blocks=tuple(os.urandom(16) for _ in range(5001))
+    )
+    entries = [*manifest(tmp_path / "t"), huge, *manifest(tmp_path / "t")]
+    chunks = list(encode_chunks(entries, max_bytes=16 << 10))
+    assert len(chunks) > 5 and all(len(c) <= 16 << 10 for c in chunks)
+    reader = ManifestReader()
+    assert [e for c in chunks for e in reader.feed(c)] == entries
+    reader.close()
+    middle = next(c for c in chunks if b"huge" in c)
+    with pytest.raises(ValueError, match="ended inside the entry of 'huge'"):
+        decode_entries(middle)
+    reader = ManifestReader()
+    reader.feed(middle)
+    with pytest.raises(ValueError, match="cut short"):
+        reader.close()
 
 
 def test_twenty_thousand_small_files(tmp_path: Path) -> None:
