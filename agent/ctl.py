@@ -306,6 +306,27 @@ def run_logs(args: argparse.Namespace, client: Client, console: Console) -> int:
     return DONE
 
 
+def run_data_command(args: argparse.Namespace, client: Client) -> int:
+    """resolve and verify: both answer with a DataResult."""
+    if args.cmd == "resolve":
+        raw = client.call(
+            "POST", f"/api/v1/modules/{args.module}/resolve", json_body={"keep": args.keep}
+        )
+    else:
+        raw = client.call(
+            "POST", f"/api/v1/modules/{args.module}/verify", params={"timeout": args.timeout}
+        )
+    if not raw.get("accepted"):
+        fail(REFUSED, f"{args.cmd} {args.module}: {raw.get('reason')}")
+    print(f"{args.module}: {raw.get('reason')}")
+    if args.cmd == "verify":
+        for path in raw.get("differing", []):
+            print(f"  differs: {path}")
+        print(f"  ({raw.get('compared', 0)} entries compared in {raw.get('seconds', 0):.1f} s)")
+        return DONE if not raw.get("differing") else REFUSED
+    return DONE
+
+
 def run_config(args: argparse.Namespace) -> int:
     from agent.config import ConfigError, load_config  # pydantic models: only when needed
 
@@ -339,9 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return DONE
         if args.cmd == "config":
             return run_config(args)
-        if args.cmd in ("resolve", "verify"):
-            fail(REFUSED, f"{args.cmd} needs replication, which this version does not have yet")
         client = client_for(args, timeout=args.timeout + 10)
+        if args.cmd in ("resolve", "verify"):
+            return run_data_command(args, client)
         if args.cmd == "status":
             raw = client.call("GET", "/api/v1/status")
             if args.json:

@@ -27,6 +27,7 @@ from agent.api.routes import create_app
 from agent.api.schemas import (
     CheckerStatus,
     CommandResult,
+    DataResult,
     EventOut,
     Latency,
     LinkStatus,
@@ -452,6 +453,7 @@ class Agent:
         if r is None:
             return
         peer_alive = self.detector.peer_alive(now)
+        r.observe(self.peer_replication(m.cfg.name) if peer_alive else None)
         r.tick(
             decision.state,
             self.peer_replication(m.cfg.name) if peer_alive else None,
@@ -482,6 +484,77 @@ class Agent:
                 m.event("mirror", f"mirror cannot start: {exc}; retrying every 10 s")
             m.replication.problem = str(exc)
             m.replication.retry_at = time.monotonic() + 10.0
+
+    def resolve(self, module: str, keep: str) -> DataResult:
+        """`tandemctl resolve MODULE --keep NODE`: end a split brain in NODE's favour."""
+        m = self.modules[module]
+        r = m.replication
+
+        def result(accepted: bool, reason: str) -> DataResult:
+            return DataResult(module=module, accepted=accepted, reason=reason)
+
+        if r is None:
+            return result(False, f"{module} has no replicated directories")
+        if keep not in self.cfg.node_names:
+            return result(False, f"no node named {keep!r}; one of {', '.join(self.cfg.node_names)}")
+        if not r.split_reported:
+            return result(False, f"{module} is not in split brain; nothing to resolve")
+        primary = self.node.name if m.state.is_serving else self.peer_cfg.name
+        peer = self.peer_module(module, time.monotonic())
+        if keep != primary or (
+            keep == self.peer_cfg.name and (peer is None or not peer.state.is_serving)
+        ):
+            return result(
+                False,
+                f"{keep} is not primary: make it primary first (`tandemctl stop {module}` on the "
+                f"other node, then `tandemctl prim --force {module}` on {keep}), then resolve",
+            )
+        r.resolve(keep)
+        self.wake_soon()
+        other = self.peer_cfg.name if keep == self.node.name else self.node.name
+        return result(
+            True,
+            f"resyncing {module} from {keep}; {other}'s differing files go to quarantine "
+            f"in its state directory (see `tandemctl logs {module}` on {other})",
+        )
+
+    async def verify(self, module: str, timeout: float) -> DataResult:
+        """`tandemctl verify MODULE`: compare both sides by block hashes, on the primary."""
+        m = self.modules[module]
+        r = m.replication
+        if r is None:
+            return DataResult(module=module, accepted=False, reason="no replicated directories")
+        if r.role != "primary" or r.handle is None or not r.connected:
+            where = "this node" if r.role == "primary" else f"{self.peer_cfg.name}"
+            return DataResult(
+                module=module,
+                accepted=False,
+                reason=f"verify runs on the primary while it mirrors (try {where})",
+            )
+        loop = asyncio.get_running_loop()
+        r.verify_waiter = loop.create_future()
+        r.handle.send({"cmd": "verify"})
+        try:
+            done = await asyncio.wait_for(r.verify_waiter, timeout)
+        except TimeoutError:
+            return DataResult(module=module, accepted=False, reason=f"no result in {timeout:g} s")
+        finally:
+            r.verify_waiter = None
+        if "error" in done:
+            return DataResult(module=module, accepted=False, reason=str(done["error"]))
+        differing = [str(p) for p in done.get("differing", [])]
+        reason = (
+            "both sides hold the same data" if not differing else f"{len(differing)} path(s) differ"
+        )
+        m.event("verify", f"verify: {reason}", differing=differing[:1000])
+        return DataResult(
+            module=module,
+            accepted=True,
+            reason=reason,
+            differing=differing,
+            compared=int(done.get("compared", 0)),
+            seconds=float(done.get("seconds", 0.0)),
+        )
 
     async def on_peer_stream(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -839,6 +912,7 @@ def replication_figures(m: ModuleRuntime) -> ReplicationFigures:
         pending_bytes=int(st.get("pending_bytes", 0)),
         throughput_bps=float(st.get("throughput_bps", 0.0)),
         resync=ResyncStatus(**resync) if resync else None,
+        quarantine_bytes=m.replication.quarantine_bytes(),
     )
 
 

@@ -17,6 +17,9 @@ import contextlib
 import json
 import logging
 import secrets
+import shutil
+import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +27,12 @@ from typing import Any
 
 from agent.config import ClusterConfig, ModuleConfig
 from agent.core.generations import Generations, SyncVerdict, compare
+from agent.core.mirror_ops import paths_of
 from agent.core.states import State
 from agent.logs import log_event
+from agent.mirror import quarantine
 from agent.mirror.handle import MirrorError, MirrorHandle
+from agent.mirror.journal import Journal
 from agent.store import Store
 
 log = logging.getLogger("tandem.replication")
@@ -59,6 +65,11 @@ class ReplicationRuntime:
     link_lost: str | None = None
     connect_at: float = 0.0
     retry_at: float = 0.0  # a mirror that failed to start is retried after a pause
+    resolve_keep: tuple[str, float] | None = None  # (node to keep, wall time of the word)
+    split_reported: bool = False
+    verify_waiter: asyncio.Future[dict[str, Any]] | None = None
+    _quarantine_size: int = 0
+    _quarantine_measured: float = -1e9
     connecting: bool = False
     task: asyncio.Task[None] | None = None
     changed_files: list[str] = field(default_factory=list)
@@ -71,6 +82,10 @@ class ReplicationRuntime:
             data = json.loads(raw)
             self.generations = Generations(data["c"], data["b"], tuple(data["h"]))
         self.pristine = self.store.get(self._key("pristine")) == "1"
+        raw_keep = self.store.get(self._key("resolve"))
+        if raw_keep:
+            node, at = json.loads(raw_keep)
+            self.resolve_keep = (str(node), float(at))
         if self.store.get(self._key("mounted")) == "1":
             # This node crashed while primary: writes in flight may be here and not on the
             # peer, so only a comparison of both sides by hashes may bring it back in sync.
@@ -83,6 +98,10 @@ class ReplicationRuntime:
             self.store.put(self._key("pristine"), "1" if pristine else "0")
             if not pristine:
                 self.event("replication", why)
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.state_dir / "quarantine"
 
     @property
     def journal_path(self) -> Path:
@@ -113,6 +132,7 @@ class ReplicationRuntime:
             "rx": self.role == "secondary" and self.handle is not None,
             "sync": self.in_sync,
             "p": self.pristine,
+            "rk": list(self.resolve_keep) if self.resolve_keep else None,
         }
 
     @staticmethod
@@ -152,6 +172,7 @@ class ReplicationRuntime:
             "mode": self.cfg.replication.mode,
             "ack_timeout": self.cluster.timing.ack_timeout,
             "state_dir": str(self.state_dir / "mirror"),
+            "quarantine_dir": str(self.quarantine_dir),
             "key_file": str(self.cluster.cluster.secret_file),
         }
 
@@ -252,6 +273,17 @@ class ReplicationRuntime:
         elif kind in ("apply_failed", "bad_frame"):
             self.problem = str(message.get("reason"))
             self.event("replication", f"{kind.replace('_', ' ')}: {self.problem}")
+        elif kind == "quarantined":
+            self._quarantine_measured = -1e9
+            self.event(
+                "quarantine",
+                f"kept {message.get('entries')} of this node's files ({message.get('bytes')} "
+                f"bytes) from {message.get('root')} in {message.get('directory')}; remove them "
+                "when you are done with them",
+            )
+        elif kind == "verify_done":
+            if self.verify_waiter is not None and not self.verify_waiter.done():
+                self.verify_waiter.set_result(message)
         elif kind == "exited":
             self.connected = False
         self.wake()
@@ -279,13 +311,12 @@ class ReplicationRuntime:
         if not peer_raw.get("rx") or now < self.connect_at:
             return
         verdict = self.verdict(peer)
+        quarantine = peer.is_empty  # files found on a never-synced peer are kept, not lost
         if verdict in (SyncVerdict.SPLIT_BRAIN, SyncVerdict.UNRELATED):
-            message = f"split brain with the peer ({verdict}): resolve with `tandemctl resolve`"
-            if self.problem != message:
-                self.problem = message
-                self.event("split_brain", message)
-            return
-        if verdict in (SyncVerdict.INCREMENTAL_FROM_PEER, SyncVerdict.FULL_FROM_PEER):
+            if self.keep_resolved(peer_raw) != self.node:
+                return  # reported by observe(); waiting for `tandemctl resolve`
+            quarantine = True
+        elif verdict in (SyncVerdict.INCREMENTAL_FROM_PEER, SyncVerdict.FULL_FROM_PEER):
             self.problem = "the peer has newer data than this primary"
             return
         resync = "full"
@@ -303,7 +334,84 @@ class ReplicationRuntime:
                 "peer": {"address": peer_address, "port": peer_port},
                 "resync": resync,
                 "done": done,
+                "quarantine": quarantine,
             }
+        )
+
+    # --- split brain -----------------------------------------------------------------------------
+
+    def keep_resolved(self, peer_raw: Any) -> str | None:
+        """The node an administrator chose to keep (here or on the peer: the later word wins)."""
+        mine = self.resolve_keep
+        theirs = peer_raw.get("rk") if isinstance(peer_raw, dict) else None
+        if isinstance(theirs, list) and len(theirs) == 2:
+            node, at = theirs
+            if mine is None or float(at) > mine[1]:
+                return str(node)
+        return None if mine is None else mine[0]
+
+    def observe(self, peer_raw: Any) -> None:
+        """Every tick, on both sides: report a split brain (once), clear it when it is over."""
+        peer = self.peer_generations(peer_raw) if isinstance(peer_raw, dict) else None
+        verdict = self.verdict(peer)
+        split = verdict in (SyncVerdict.SPLIT_BRAIN, SyncVerdict.UNRELATED)
+        if not split:
+            if self.split_reported:
+                self.split_reported = False
+                self.problem = None
+                self.resolve_keep = None
+                self.store.put(self._key("resolve"), "")
+            return
+        keep = self.keep_resolved(peer_raw)
+        if keep is not None:
+            self.problem = f"split brain: resolving, keeping {keep}'s data"
+        else:
+            self.problem = (
+                "split brain: both nodes changed the data since they last met; keep one side "
+                "with `tandemctl resolve MODULE --keep NODE` (the other side's files go to "
+                "quarantine)"
+            )
+        if not self.split_reported:
+            self.split_reported = True
+            changed = self.changed_here()
+            listed = ", ".join(changed[:50]) + (" ..." if len(changed) > 50 else "")
+            self.event(
+                "split_brain",
+                f"split brain with the peer ({verdict}): changed here since the split: "
+                f"{len(changed)} path(s){': ' + listed if changed else ''}",
+                changed=changed[:1000],
+            )
+
+    def changed_here(self) -> list[str]:
+        """What this node changed since the last sync, from its journal (names, not data)."""
+        if not self.journal_path.exists():
+            return []
+        with tempfile.TemporaryDirectory() as tmp:
+            # A copy: the mirror process may be appending to the journal right now.
+            copy = Path(tmp) / "journal"
+            shutil.copyfile(self.journal_path, copy)
+            journal = Journal(copy)
+            try:
+                plan = journal.plan()
+                trusted = journal.usable
+            finally:
+                journal.close()
+        if not trusted:
+            return ["(journal incomplete: compare with `tandemctl verify`)"]
+        names: set[tuple[int, str]] = set(plan.ranges) | set(plan.metadata)
+        for op in plan.namespace:
+            names.update((op.root, p) for p in paths_of(op))
+        dirs = self.cfg.directories
+        return sorted(f"{dirs[root].path}/{path}" for root, path in names if root < len(dirs))
+
+    def resolve(self, keep: str) -> None:
+        """Remember the administrator's choice; the kept node's next connect resyncs from it."""
+        self.resolve_keep = (keep, time.time())
+        self.store.put(self._key("resolve"), json.dumps(list(self.resolve_keep)))
+        self.event(
+            "resolve",
+            f"split brain: keeping {keep}'s data; the other side's differing files go to "
+            "quarantine",
         )
 
     def hand_stream(self, hello_raw: bytes, fd: int) -> str | None:
@@ -313,6 +421,14 @@ class ReplicationRuntime:
         if not self.handle.send({"cmd": "accept", "hello": hello_raw.hex()}, (fd,)):
             return "the receiver is not running"
         return None
+
+    def quarantine_bytes(self) -> int:
+        """Size of this module's quarantine, re-measured at most every 10 s."""
+        now = time.monotonic()
+        if now - self._quarantine_measured > 10.0:
+            self._quarantine_size = quarantine.size_of(self.quarantine_dir, self.cfg.name)
+            self._quarantine_measured = now
+        return self._quarantine_size
 
     def status(self) -> dict[str, Any]:
         return {

@@ -8,7 +8,14 @@ from typing import Protocol
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import StreamingResponse
 
-from agent.api.schemas import CommandRequest, CommandResult, EventOut, Status
+from agent.api.schemas import (
+    CommandRequest,
+    CommandResult,
+    DataResult,
+    EventOut,
+    ResolveRequest,
+    Status,
+)
 from agent.core.commands import Command
 
 
@@ -24,6 +31,10 @@ class AgentPort(Protocol):
     ) -> CommandResult: ...
 
     def events(self, module: str | None, after: int, limit: int) -> list[EventOut]: ...
+
+    def resolve(self, module: str, keep: str) -> DataResult: ...
+
+    async def verify(self, module: str, timeout: float) -> DataResult: ...
 
     async def wait_event(self, after: int, timeout: float) -> None: ...
 
@@ -54,6 +65,16 @@ def create_app(agent: AgentPort) -> FastAPI:
                 400, f"unknown command {body.command!r}; one of: {COMMAND_NAMES}"
             ) from None
         return await agent.command(name, command, body.timeout, body.wait)
+
+    @app.post("/api/v1/modules/{name}/resolve")
+    def post_resolve(name: str, body: ResolveRequest) -> DataResult:
+        known_module(name)
+        return agent.resolve(name, body.keep)
+
+    @app.post("/api/v1/modules/{name}/verify")
+    async def post_verify(name: str, timeout: float = 600.0) -> DataResult:
+        known_module(name)
+        return await agent.verify(name, max(1.0, min(timeout, 3600.0)))
 
     @app.get("/api/v1/events/log")
     def get_events(module: str | None = None, after: int = 0, limit: int = 200) -> list[EventOut]:

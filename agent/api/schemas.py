@@ -58,6 +58,7 @@ class ReplicationFigures(BaseModel):
     pending_bytes: int = 0
     throughput_bps: float = 0.0
     resync: ResyncStatus | None = None
+    quarantine_bytes: int = Field(default=0, description="bytes of files kept aside by resyncs")
 
 
 class CheckerStatus(BaseModel):
@@ -107,6 +108,21 @@ class CommandRequest(BaseModel):
     command: str
     timeout: float = Field(30.0, gt=0, le=3600)
     wait: bool = True
+
+
+class ResolveRequest(BaseModel):
+    keep: str = Field(description="the node whose data is kept")
+
+
+class DataResult(BaseModel):
+    """The outcome of `resolve` or `verify`."""
+
+    module: str
+    accepted: bool
+    reason: str
+    differing: list[str] = Field(default_factory=list, description="verify: paths that differ")
+    compared: int = 0
+    seconds: float = 0.0
 
 
 class CommandResult(BaseModel):

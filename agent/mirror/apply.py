@@ -128,9 +128,15 @@ class Applier:
             raise ApplyError(f"{self._what(op)}: invalid value: {exc}", errno.EINVAL) from None
 
     def sync(self) -> None:
-        """syncfs on each replicated directory's file system: everything applied is durable."""
-        for fd in self.root_fds:
-            _check(_libc.syncfs(fd), "syncfs")
+        """syncfs on each replicated directory's file system: everything applied is durable.
+
+        ApplyError if a file system reports a failed writeback (EIO) or the like.
+        """
+        for fd, name in zip(self.root_fds, self.root_names, strict=True):
+            if _libc.syncfs(fd) != 0:
+                code = ctypes.get_errno()
+                cause = f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
+                raise ApplyError(f"syncfs {name}: {cause}", code)
 
     def close(self) -> None:
         """Close the cached file descriptors (the root descriptors stay open: not ours)."""

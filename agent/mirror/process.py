@@ -33,13 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from agent.keys import load_key
-from agent.mirror import link
+from agent.mirror import link, quarantine
 from agent.mirror.apply import Applier
 from agent.mirror.excludes import Excludes
 from agent.mirror.fs import MirrorMount, clear_stale_mount
 from agent.mirror.journal import Journal
 from agent.mirror.receiver import Receiver
-from agent.mirror.resync_source import Progress, RateLimit, SourceResync
+from agent.mirror.resync_source import Progress, RateLimit, SourceResync, verify_root
 from agent.mirror.sender import MirrorReplicator
 
 PR_SET_PDEATHSIG = 1
@@ -108,6 +108,7 @@ class MirrorProcess:
         self.replicator: MirrorReplicator | None = None
         self.progress: Progress | None = None
         self.receiver_thread: threading.Thread | None = None
+        self._quarantine_dir: Path | None = None
         self._stopping = threading.Event()
 
     def event(self, message: dict[str, Any]) -> None:
@@ -141,7 +142,7 @@ class MirrorProcess:
             self.root_fds.append(os.open(path, os.O_RDONLY | os.O_DIRECTORY))
             _run(["mount", "--bind", str(path), str(path)])
             self.bound.append(path)
-            _run(["mount", "-o", "remount,bind,ro", str(path)])
+            _run(["mount", "-o", "remount,bind,ro,nodev,nosuid", str(path)])
 
     # --- commands ----------------------------------------------------------------------------
 
@@ -178,10 +179,11 @@ class MirrorProcess:
                 self.replicator.resync_active = True
                 self.replicator.renamed_during_resync = False
         self.event({"event": "connected", "peer": stream.peer, "resync": resync})
+        quarantine_first = bool(command.get("quarantine"))
         ranges = {key: list(spans) for key, spans in plan.ranges.items()}
         threading.Thread(
             target=self._resync,
-            args=(resync, ranges, list(plan.metadata), command.get("done", {})),
+            args=(resync, ranges, list(plan.metadata), command.get("done", {}), quarantine_first),
             daemon=True,
         ).start()
 
@@ -191,6 +193,7 @@ class MirrorProcess:
         ranges: dict[tuple[int, str], list[tuple[int, int]]],
         meta: list[tuple[int, str]],
         done: dict[str, Any],
+        quarantine_first: bool = False,
     ) -> None:
         assert self.replicator is not None
         self.progress = Progress(started=time.monotonic())
@@ -200,6 +203,7 @@ class MirrorProcess:
             self.excluded,
             self.progress,
             RateLimit(self.spec.get("resync_rate_bps")),
+            quarantine=quarantine_first,
         )
         try:
             if kind == "incremental":
@@ -231,8 +235,10 @@ class MirrorProcess:
             sock.close()
             self.event({"event": "bad_frame", "reason": f"handshake failed: {exc}"})
             return
-        applier = Applier(self.root_fds)
-        receiver = Receiver(stream, applier, self.root_fds, self.event, self.excluded)
+        applier = Applier(self.root_fds, [str(d) for d in self.dirs])
+        receiver = Receiver(
+            stream, applier, self.root_fds, self.event, self.excluded, self._quarantine
+        )
 
         def serve() -> None:
             self.event({"event": "receiving", "peer": hello.node})
@@ -242,6 +248,51 @@ class MirrorProcess:
 
         self.receiver_thread = threading.Thread(target=serve, daemon=True)
         self.receiver_thread.start()
+
+    def _quarantine(self, root: int, paths: list[str]) -> None:
+        """Keep this node's versions of `paths` before the resync replaces them."""
+        if self._quarantine_dir is None:
+            self._quarantine_dir = quarantine.new_directory(
+                Path(self.spec["quarantine_dir"]), self.module
+            )
+        dest = self._quarantine_dir / str(root)
+        count, size = quarantine.save(self.root_fds[root], paths, dest)
+        self.event(
+            {
+                "event": "quarantined",
+                "directory": str(self._quarantine_dir),
+                "root": str(self.dirs[root]),
+                "entries": count,
+                "bytes": size,
+            }
+        )
+
+    def verify(self) -> None:
+        """Primary: compare both sides by block hashes while the application runs."""
+        assert self.replicator is not None
+        started = time.monotonic()
+        differing: list[str] = []
+        compared = 0
+        try:
+            for root in range(len(self.root_fds)):
+                found, count = verify_root(
+                    self.replicator, self.root_fds[root], self.excluded[root], root
+                )
+                compared += count
+                differing += [
+                    f"{self.dirs[root]}/{p}" if p else str(self.dirs[root]) for p in found
+                ]
+        except link.LinkClosed as exc:
+            self.event({"event": "verify_done", "error": f"verify stopped: {exc}"})
+            return
+        self.event(
+            {
+                "event": "verify_done",
+                "differing": differing,
+                "compared": compared,
+                "seconds": round(time.monotonic() - started, 3),
+            }
+        )
 
     def _figures_loop(self) -> None:
         while not self._stopping.wait(FIGURES_EVERY):
@@ -284,6 +335,8 @@ class MirrorProcess:
                 self.event({"event": "alone"})
             elif name == "step_down" and self.replicator is not None:
                 self.replicator.step_down(str(command.get("reason", "stepping down")))
+            elif name == "verify" and self.replicator is not None:
+                threading.Thread(target=self.verify, daemon=True).start()
             elif name == "stop":
                 break
         self.stop()

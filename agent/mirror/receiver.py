@@ -36,12 +36,14 @@ class Receiver:
         root_fds: Sequence[int],
         on_event: Callable[[dict[str, Any]], None],
         excluded: Sequence[Callable[[str, bool], bool] | None],
+        quarantine: Callable[[int, list[str]], None] | None = None,
     ) -> None:
         self.stream = stream
         self.applier = applier
         self.root_fds = list(root_fds)
         self.excluded = list(excluded)
         self._on_event = on_event
+        self._quarantine = quarantine
         self.applied = 0
         self.applied_bytes = 0
 
@@ -89,6 +91,9 @@ class Receiver:
         kind = message.get("type")
         if kind == "manifest":
             self._send_manifest(message)
+        elif kind == "quarantine" and self._quarantine is not None:
+            # In stream order, before the resync overwrites or removes any of them.
+            self._quarantine(int(message["root"]), [str(p) for p in message["paths"]])
         else:
             # resync_begin / resync_progress / resync_done: the agent's business
             self._on_event({"event": "control", **message})

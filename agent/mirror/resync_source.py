@@ -19,10 +19,12 @@ Two ways to know what differs:
 from __future__ import annotations
 
 import os
+import queue
 import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from agent.core import mirror_frames as mf
 from agent.core.mirror_ops import (
@@ -33,6 +35,7 @@ from agent.core.mirror_ops import (
     Mkdir,
     Mknod,
     Op,
+    RemoveXattr,
     Rmdir,
     SetXattr,
     Symlink,
@@ -41,10 +44,10 @@ from agent.core.mirror_ops import (
     Utimens,
     Write,
 )
-from agent.core.resync import plan
+from agent.core.resync import differing_paths, plan
 from agent.mirror.link import LinkClosed
 from agent.mirror.manifest import Entry, decode_entries, scan
-from agent.mirror.sender import MirrorReplicator
+from agent.mirror.sender import LinkState, MirrorReplicator
 
 CHUNK = 1 << 20
 Step = Callable[[int, str, "os.stat_result | None"], None]
@@ -108,6 +111,8 @@ class SourceResync:
         excluded: Sequence[Callable[[str, bool], bool] | None],
         progress: Progress,
         limit: RateLimit,
+        *,
+        quarantine: bool = False,
     ) -> None:
         self.replicator = replicator
         self.root_fds = list(root_fds)
@@ -116,6 +121,9 @@ class SourceResync:
         self.limit = limit
         self.last_ticket = 0
         self.changed: list[tuple[int, str]] = []
+        # The target's own versions of what differs are kept aside first (split brain, or
+        # a first sync onto a directory that already held files).
+        self.quarantine = quarantine
 
     # --- full, by block hashes ---------------------------------------------------------------
 
@@ -138,6 +146,12 @@ class SourceResync:
             self.changed.extend((root, p) for p in steps.changed_paths)
         self.progress.total_bytes += steps.total_bytes
         by_path = {e.path: e for e in target}
+        if self.quarantine and first:
+            doomed = [p for p in steps.changed_paths if p in by_path and by_path[p].kind != "dir"]
+            if doomed:
+                self.replicator.enqueue_control(
+                    {"type": "quarantine", "root": root, "paths": doomed}
+                )
         for path in steps.removes:
             self._remove(root, path, by_path.get(path))
         for entry in steps.mkdirs:
@@ -152,32 +166,13 @@ class SourceResync:
             self._send_range(root, rng.path, rng.offset, rng.length)
         for path, _size in steps.truncates:
             self._locked(root, path, self._truncate)
+        for path, name in steps.remove_xattrs:
+            self._locked(root, path, partial(self._remove_xattr, name=name))
         for entry in steps.metadata:
             self._locked(root, entry.path, self._metadata)
 
     def _target_manifest(self, root: int) -> list[Entry]:
-        ticket = self.replicator.enqueue_control({"type": "manifest", "root": root})
-        entries: list[Entry] = []
-        while True:
-            kind, payload = self._incoming()
-            if kind is not mf.FrameKind.MANIFEST:
-                continue
-            if not payload:
-                break
-            entries.extend(decode_entries(payload))
-        self.replicator.wait_acked(ticket)
-        return entries
-
-    def _incoming(self) -> tuple[mf.FrameKind, bytes]:
-        import queue
-
-        while True:
-            if self.replicator.state.value != "connected":
-                raise LinkClosed(self.replicator.reason)
-            try:
-                return self.replicator.incoming.get(timeout=0.5)
-            except queue.Empty:
-                continue
+        return target_manifest(self.replicator, root)
 
     # --- incremental, from the journal -------------------------------------------------------
 
@@ -290,9 +285,55 @@ class SourceResync:
         self._enqueue(Chown(root, path, st.st_uid, st.st_gid))
         self._enqueue(Utimens(root, path, st.st_atime_ns, st.st_mtime_ns))
 
+    def _remove_xattr(self, root: int, path: str, st: os.stat_result | None, *, name: str) -> None:
+        if st is not None and name not in dict(_xattrs(self.root_fds[root], path)):
+            self._enqueue(RemoveXattr(root, path, name))
+
     def _finish(self) -> None:
         if self.last_ticket:
             self.replicator.wait_acked(self.last_ticket)
+
+
+def target_manifest(
+    replicator: MirrorReplicator, root: int, paths: list[str] | None = None
+) -> list[Entry]:
+    """The receiver's manifest of one directory, asked in stream order."""
+    request: dict[str, object] = {"type": "manifest", "root": root}
+    if paths is not None:
+        request["paths"] = paths
+    ticket = replicator.enqueue_control(request)
+    entries: list[Entry] = []
+    while True:
+        if replicator.state is not LinkState.CONNECTED:
+            raise LinkClosed(replicator.reason)
+        try:
+            kind, payload = replicator.incoming.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if kind is not mf.FrameKind.MANIFEST:
+            continue
+        if not payload:
+            break
+        entries.extend(decode_entries(payload))
+    replicator.wait_acked(ticket)
+    return entries
+
+
+def verify_root(
+    replicator: MirrorReplicator,
+    root_fd: int,
+    excluded: Callable[[str, bool], bool] | None,
+    root: int,
+) -> tuple[list[str], int]:
+    """Paths that differ between both sides (checked twice: a write in flight is no difference)."""
+    target = target_manifest(replicator, root)
+    source = list(scan(root_fd, excluded))
+    suspects = differing_paths(source, target)
+    if not suspects:
+        return [], len(source)
+    again_target = target_manifest(replicator, root, suspects)
+    again_source = list(scan(root_fd, excluded, paths=suspects))
+    return differing_paths(again_source, again_target), len(source)
 
 
 def _kind(st: os.stat_result | None) -> str:

@@ -135,11 +135,9 @@ def pyfuse3_python() -> tuple[str | None, str]:
         return str(python), "pyfuse3 from " + str(PYFUSE3_VENV)
     steps = [
         ["apt-get", "install", "-y", "-qq", "libfuse3-dev", "pkg-config"],
-        [sys.executable.replace("/.venv/bin/python", "/python3"), "-m", "venv", str(PYFUSE3_VENV)],
+        [shutil.which("python3") or "python3", "-m", "venv", str(PYFUSE3_VENV)],
         [str(PYFUSE3_VENV / "bin" / "pip"), "install", "-q", "pyfuse3"],
     ]
-    if not Path(steps[1][0]).exists():
-        steps[1][0] = shutil.which("python3") or "python3"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for step in steps:
         done = subprocess.run(step, capture_output=True, text=True, env=env, timeout=900)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import random
+import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import Cluster
+from tests.cluster import DEMO_DIR, Cluster
 from tests.lab import Lab, wait_for
 
 CYCLES = int(os.environ.get("TANDEM_ZERO_LOSS_CYCLES", "10"))
@@ -185,3 +186,74 @@ def test_no_acknowledged_record_is_lost_through_power_losses_and_agent_kills(
             writer.resume()
             primary, standby = standby, primary
     assert len(writer.acked) > CYCLES * 5
+
+
+def write_in_mount(cluster: Cluster, node: str, name: str, text: str) -> None:
+    """Write a file through `node`'s replicated directory, as its application would."""
+    path = f"{DEMO_DIR}/data/{name}"
+    argv = [
+        "nsenter",
+        "-t",
+        str(cluster.agent_pid(node)),
+        "-m",
+        "sh",
+        "-c",
+        f"echo {text} > {path}",
+    ]
+    subprocess.run(argv, check=True, timeout=30)
+
+
+def test_a_split_brain_is_reported_and_resolve_keeps_one_side_with_the_other_in_quarantine(
+    lab: Lab,
+) -> None:
+    cluster = Cluster(lab, witness=False).start()
+    try:
+        cluster.wait_healthy_pair("node1")
+        wait_in_sync(cluster, "node2")
+        assert cluster.post_record(b"before the split") is not None
+
+        lab.cut_link("node1")  # full isolation: node1 keeps serving, node2 takes over
+        cluster.wait_state("node2", "ALONE", timeout=30)
+        cluster.wait_state("node1", "ALONE", timeout=30)
+        write_in_mount(cluster, "node1", "side1.txt", "written-on-node1")
+        write_in_mount(cluster, "node2", "side2.txt", "written-on-node2")
+        cluster.wait_until(
+            "node2 answers the client during the split",
+            lambda: cluster.post_record(b"during the split", timeout=1.0) is not None,
+        )
+
+        lab.restore_link("node1")
+        cluster.wait_until(
+            "both nodes report the split brain",
+            lambda: all(
+                "split brain" in str(replication(cluster, node).get("problem"))
+                for node in ("node1", "node2")
+            ),
+            timeout=30,
+        )
+        primary = cluster.primary()
+        assert primary is not None
+        other = "node2" if primary == "node1" else "node1"
+        refused = cluster.ctl(primary, "resolve", "web", "--keep", other)
+        assert refused.returncode == 1 and "is not primary" in refused.stderr, refused
+
+        kept_side = "side1.txt" if primary == "node1" else "side2.txt"
+        lost_side = "side2.txt" if primary == "node1" else "side1.txt"
+        done = cluster.ctl(other, "resolve", "web", "--keep", primary)
+        assert done.returncode == 0, done.stderr
+        wait_in_sync(cluster, other)
+        assert tree_digest(data_dir(lab, primary)) == tree_digest(data_dir(lab, other))
+        assert (data_dir(lab, other) / kept_side).exists()
+        assert not (data_dir(lab, other) / lost_side).exists()
+        quarantined = list((lab.node_dir(other) / "state" / "quarantine").glob("web-*/0/*"))
+        names = {p.name for p in quarantined}
+        assert lost_side in names, f"quarantine holds {sorted(names)}"
+        lost = next(p for p in quarantined if p.name == lost_side)
+        assert "written-on" in lost.read_text()
+        status = cluster.module(other)
+        assert status is not None and status["replication"]["quarantine_bytes"] > 0
+        assert status["replication"]["problem"] is None
+        verify = cluster.ctl(primary, "verify", "web")
+        assert verify.returncode == 0 and "same data" in verify.stdout, verify
+    finally:
+        cluster.stop_agents()

@@ -1,0 +1,110 @@
+#!/bin/sh
+# Start PostgreSQL on a replicated data directory; return once it accepts connections.
+#
+# The agent runs this on the node that becomes primary, in the module's cgroup, with its
+# own environment plus TANDEM_MODULE and TANDEM_NODE. On the very first start (no
+# PG_VERSION in PGDATA) the cluster is created with initdb; after a failover the server
+# finds the mirrored data of a crashed primary and runs its usual crash recovery.
+#
+# Environment (all optional):
+#   PGDATA            the data directory, inside a replicated directory
+#                                                           (default /srv/tandem-pg/data)
+#   PG_RUN_DIR        unix socket and server log: node-local, never replicated
+#                                                           (default /run/tandem-pg)
+#   PG_PORT           TCP port                              (default 5432)
+#   PG_LISTEN         listen_addresses; '*' also works before the VIP is up (default *)
+#   PG_USER           the OS user running the server        (default postgres)
+#   PG_BIN            where initdb/pg_ctl/postgres live (default: the newest
+#                     /usr/lib/postgresql/*/bin, else the directory of pg_ctl on PATH)
+#   PG_START_TIMEOUT  seconds to wait for connections, crash recovery included;
+#                     keep it below the module's service.start_timeout  (default 100)
+#   PG_HBA_NETWORK    first start only: clients allowed over TCP   (default samenet)
+#   PG_HBA_AUTH       first start only: their authentication method
+#                                                           (default scram-sha-256)
+#   PG_INITDB_OPTS    first start only: more initdb options, e.g. "--data-checksums"
+set -eu
+
+PGDATA="${PGDATA:-/srv/tandem-pg/data}"
+PG_RUN_DIR="${PG_RUN_DIR:-/run/tandem-pg}"
+PG_PORT="${PG_PORT:-5432}"
+PG_LISTEN="${PG_LISTEN:-*}"
+PG_USER="${PG_USER:-postgres}"
+PG_START_TIMEOUT="${PG_START_TIMEOUT:-100}"
+PG_HBA_NETWORK="${PG_HBA_NETWORK:-samenet}"
+PG_HBA_AUTH="${PG_HBA_AUTH:-scram-sha-256}"
+PG_INITDB_OPTS="${PG_INITDB_OPTS:-}"
+LOGFILE="$PG_RUN_DIR/postgresql.log"
+
+fail() {
+    echo "postgresql start: $*" >&2
+    exit 1
+}
+
+if [ -z "${PG_BIN:-}" ]; then
+    PG_BIN="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)"
+    if [ -z "$PG_BIN" ]; then
+        found="$(command -v pg_ctl || true)"
+        [ -n "$found" ] || fail "no PostgreSQL binaries found; install PostgreSQL or set PG_BIN"
+        PG_BIN="$(dirname "$found")"
+    fi
+fi
+[ -x "$PG_BIN/pg_ctl" ] || fail "$PG_BIN/pg_ctl is not executable; set PG_BIN to PostgreSQL's bin directory"
+id "$PG_USER" >/dev/null 2>&1 || fail "no OS user $PG_USER; create it or set PG_USER"
+
+# The server's own working directory is PGDATA; the caller's may be unreadable to PG_USER.
+cd /
+
+as_pg() {
+    runuser -u "$PG_USER" -- "$@"
+}
+
+# The pid in postmaster.pid is a live server only if it is a postgres process of this
+# network namespace working in PGDATA: the file may come from the crashed peer (mirrored),
+# and the pid may have been reused since.
+server_pid() {
+    [ -r "$PGDATA/postmaster.pid" ] || return 1
+    pid="$(head -n 1 "$PGDATA/postmaster.pid" 2>/dev/null || true)"
+    case "$pid" in '' | *[!0-9]*) return 1 ;; esac
+    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = postgres ] || return 1
+    [ "$(readlink "/proc/$pid/ns/net" 2>/dev/null)" = "$(readlink /proc/self/ns/net)" ] || return 1
+    [ "$(readlink "/proc/$pid/cwd" 2>/dev/null)" = "$(cd "$PGDATA" && pwd -P)" ] || return 1
+    echo "$pid"
+}
+
+mkdir -p "$PG_RUN_DIR"
+chown "$PG_USER:" "$PG_RUN_DIR"
+chmod 0755 "$PG_RUN_DIR"
+
+if [ ! -s "$PGDATA/PG_VERSION" ]; then
+    if [ -d "$PGDATA" ] && [ -n "$(ls -A "$PGDATA")" ]; then
+        fail "$PGDATA is not empty but holds no PG_VERSION: not a PostgreSQL data directory; move it away or point PGDATA elsewhere"
+    fi
+    # initdb in a side directory renamed at the end: a crash half way through leaves no
+    # half-made cluster at PGDATA for the next start to choke on.
+    fresh="$PGDATA.initdb"
+    rm -rf "$fresh"
+    mkdir -p "$fresh"
+    chown "$PG_USER:" "$fresh"
+    chmod 0700 "$fresh"
+    echo "postgresql start: no cluster in $PGDATA yet; running initdb"
+    # shellcheck disable=SC2086
+    as_pg "$PG_BIN/initdb" -D "$fresh" --auth-local=peer --auth-host="$PG_HBA_AUTH" \
+        $PG_INITDB_OPTS >"$PG_RUN_DIR/initdb.log" 2>&1 \
+        || { tail -n 20 "$PG_RUN_DIR/initdb.log" >&2; fail "initdb failed; see $PG_RUN_DIR/initdb.log"; }
+    printf '%s\n' "host all all $PG_HBA_NETWORK $PG_HBA_AUTH" >>"$fresh/pg_hba.conf"
+    rmdir "$PGDATA" 2>/dev/null || true
+    mv "$fresh" "$PGDATA"
+fi
+
+if pid="$(server_pid)"; then
+    echo "postgresql already running (pid $pid)"
+else
+    # listen_addresses is quoted for the shell pg_ctl starts the server through.
+    as_pg "$PG_BIN/pg_ctl" start -D "$PGDATA" -l "$LOGFILE" -w -t "$PG_START_TIMEOUT" \
+        -o "-c listen_addresses='$PG_LISTEN' -p $PG_PORT -k $PG_RUN_DIR" \
+        || { tail -n 30 "$LOGFILE" >&2; fail "the server did not accept connections within ${PG_START_TIMEOUT} s; see $LOGFILE"; }
+fi
+
+as_pg "$PG_BIN/pg_isready" -q -h "$PG_RUN_DIR" -p "$PG_PORT" -t 10 \
+    || { tail -n 30 "$LOGFILE" >&2; fail "pg_isready: the server does not accept connections; see $LOGFILE"; }
+echo "postgresql accepts connections on port $PG_PORT (data $PGDATA)"
