@@ -254,9 +254,20 @@ class DirectoryConfig(_Model):
 
 
 class ReplicationConfig(_Model):
-    """How writes are mirrored: sync, flush or async (see DESIGN.md)."""
+    """How writes are mirrored: sync, flush or async (see DESIGN.md), and how resyncs behave.
+
+    async: writes are acknowledged locally and wait only once the peer is behind by more than
+    `max_lag_bytes` or `max_lag_seconds`. `resync_rate` caps what a resync sends (bytes per
+    second; live writes are never held back by it). `split_brain`: `manual` (the default:
+    an administrator runs `tandemctl resolve`) or an automatic policy that keeps one side
+    and quarantines the other's files.
+    """
 
     mode: Literal["sync", "flush", "async"] = "sync"
+    max_lag_bytes: Annotated[int, Field(ge=1 << 20, strict=True)] = 64 << 20
+    max_lag_seconds: Seconds = 5.0
+    resync_rate: Annotated[int, Field(ge=1 << 20, strict=True)] | None = None
+    split_brain: Literal["manual", "discard-younger-primary", "discard-least-changes"] = "manual"
 
 
 class ServiceConfig(_Model):
@@ -647,6 +658,17 @@ def _checker_problems(checkers: Sequence[tuple[int, int, CheckerConfig]]) -> lis
     return problems
 
 
+def exclude_problem(pattern: str) -> str | None:
+    """Why a gitignore pattern cannot be used, or None."""
+    from agent.mirror.excludes import Excludes  # pathspec only: no FUSE, no I/O
+
+    try:
+        Excludes([pattern])
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _directory_problems(modules: Sequence[tuple[int, ModuleConfig]]) -> list[str]:
     problems: list[str] = []
     seen: list[tuple[str, PurePosixPath, int, str]] = []
@@ -654,6 +676,10 @@ def _directory_problems(modules: Sequence[tuple[int, ModuleConfig]]) -> list[str
         for j, d in enumerate(mod.directories):
             path = PurePosixPath(d.path)
             at = f"modules[{i}].directories[{j}]"
+            for k, pattern in enumerate(d.exclude):
+                problem = exclude_problem(pattern)
+                if problem:
+                    problems.append(f"{at}.exclude[{k}]: {problem}")
             if path == PurePosixPath("/"):
                 problems.append(f"{at}.path: / cannot be replicated; give the application's own")
                 continue
@@ -678,6 +704,13 @@ def _directory_problems(modules: Sequence[tuple[int, ModuleConfig]]) -> list[str
 
 
 # --- pydantic errors -> "key.path: why; fix" --------------------------------------------------
+
+
+def _number(value: float) -> str:
+    """A bound as people write it: 1048576, not 1.04858e+06."""
+    if isinstance(value, int) or float(value).is_integer():
+        return str(int(value))
+    return f"{value:g}"
 
 
 def _show(value: object) -> str:
@@ -790,7 +823,7 @@ def _describe(err: Any, loc: Loc) -> str:
             "less_than": "less than",
             "less_than_equal": "at most",
         }[kind]
-        bound = f"{word} {limit:g}" if isinstance(limit, int | float) else f"{word} {limit}"
+        bound = f"{word} {_number(limit)}" if isinstance(limit, int | float) else f"{word} {limit}"
         return f"{_show(value)} is out of range; it must be {bound}"
     if kind == "finite_number":
         return f"{_show(value)} is not a finite number; give a number of seconds"

@@ -896,6 +896,19 @@ class Agent:
         raise TimeoutError
 
 
+def state_dir_problem(cfg: ClusterConfig, state_dir: Path) -> str | None:
+    """The state directory (journal, quarantine) must not be replicated itself."""
+    where = Path(os.path.abspath(state_dir))
+    for module in cfg.modules:
+        for d in module.directories:
+            if where == d.path or d.path in where.parents:
+                return (
+                    f"state directory {where} is inside {d.path}, replicated by module "
+                    f"{module.name!r}; give --state-dir a path outside replicated directories"
+                )
+    return None
+
+
 def replication_figures(m: ModuleRuntime) -> ReplicationFigures:
     if m.replication is None:
         return ReplicationFigures()
@@ -945,6 +958,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     state_dir = Path(args.state_dir or f"/var/lib/tandem/{args.node}")
+    inside = state_dir_problem(cfg, state_dir)
+    if inside:
+        print(f"tandem-agent: cannot start: {inside}", file=sys.stderr)
+        return 1
     try:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:

@@ -170,6 +170,9 @@ class ReplicationRuntime:
                 {"path": str(d.path), "exclude": list(d.exclude)} for d in self.cfg.directories
             ],
             "mode": self.cfg.replication.mode,
+            "async_max_bytes": self.cfg.replication.max_lag_bytes,
+            "async_max_age": self.cfg.replication.max_lag_seconds,
+            "resync_rate_bps": self.cfg.replication.resync_rate,
             "ack_timeout": self.cluster.timing.ack_timeout,
             "state_dir": str(self.state_dir / "mirror"),
             "quarantine_dir": str(self.quarantine_dir),

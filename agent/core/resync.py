@@ -120,17 +120,21 @@ def plan(
     """
     if block_size <= 0 or max_range < block_size:
         raise ValueError(f"need 0 < block_size <= max_range, got {block_size} and {max_range}")
-    src = _by_path(source, "source", block_size)
-    dst = _by_path(target, "target", block_size)
+    src = _by_path(source, "source")
+    dst = _by_path(target, "target")
+    changed, extras = _not_identical(src, dst)
+    for path in changed:
+        _check_blocks(src[path], "source", block_size)
+        if path in dst:
+            _check_blocks(dst[path], "target", block_size)
     src_groups = _link_groups(src)
     dst_groups = _link_groups(dst)
 
-    removes: set[str] = set()
-    for path, t in dst.items():
-        s = src.get(path)
-        if not path or _identical(s, t):
-            continue  # the replicated directory itself is never removed, nor an equal name
-        if _must_remove(path, s, t, src, dst, src_groups, dst_groups):
+    # the replicated directory itself ("") is never removed
+    removes: set[str] = {p for p in extras if p}
+    for path in changed:
+        t = dst.get(path)
+        if path and t and _must_remove(path, src[path], t, src, dst, src_groups, dst_groups):
             removes.add(path)
 
     def present(path: str) -> bool:
@@ -148,9 +152,8 @@ def plan(
     touched_dirs: set[str] = {_parent(p) for p in removes}
     done_groups: set[int] = set()
 
-    for path, s in src.items():
-        if _identical(s, dst.get(path)):
-            continue  # most of a big tree: nothing to look at
+    for path in changed:
+        s = src[path]
         new = not present(path) and path != ""
         data_changed = False
         if s.kind == "file":
@@ -209,7 +212,7 @@ def plan(
         specials=_in_order(specials),
         metadata=(*_in_order(not_dirs), *dirs),
         total_bytes=sum(r.length for r in ranges),
-        changed_paths=tuple(_differing(src, dst, src_groups, dst_groups)),
+        changed_paths=tuple(_differing(src, dst, src_groups, dst_groups, changed, extras)),
         remove_xattrs=tuple(remove_xattrs),
     )
 
@@ -220,31 +223,39 @@ def differing_paths(a: Iterable[Entry], b: Iterable[Entry]) -> list[str]:
     Content is compared by block digests where both sides hashed it, else by size (and mtime,
     which is metadata). Inode keys themselves are local to a side and never compared.
     """
-    left = _by_path(a, "first", None)
-    right = _by_path(b, "second", None)
-    return _differing(left, right, _link_groups(left), _link_groups(right))
+    left = _by_path(a, "first")
+    right = _by_path(b, "second")
+    changed, extras = _not_identical(left, right)
+    return _differing(left, right, _link_groups(left), _link_groups(right), changed, extras)
 
 
 # --- helpers -------------------------------------------------------------------------------
 
 
-def _by_path(entries: Iterable[Entry], side: str, block_size: int | None) -> dict[str, Entry]:
-    out: dict[str, Entry] = {}
-    for e in entries:
-        if e.kind not in _KIND_SET:
-            raise ValueError(f"{side} manifest: {e.path!r} has unknown kind {e.kind!r}")
-        if block_size and e.blocks and len(e.blocks) != block_count(e.size, block_size):
-            raise ValueError(
-                f"{side} manifest: {e.path!r} has {len(e.blocks)} block digests for "
-                f"{e.size} bytes; was it hashed with another block size than {block_size}?"
-            )
-        out[e.path] = e
+def _by_path(entries: Iterable[Entry], side: str) -> dict[str, Entry]:
+    out = {e.path: e for e in entries}
+    unknown = {e.kind for e in out.values()} - _KIND_SET
+    if unknown:
+        path = next(e.path for e in out.values() if e.kind in unknown)
+        raise ValueError(f"{side} manifest: {path!r} has unknown kind {unknown.pop()!r}")
     return out
 
 
-def _identical(s: Entry | None, t: Entry | None) -> bool:
-    """Equal entries of names that are no hard links: nothing to do, nothing differs."""
-    return s is not None and s == t and not s.inode_key
+def _check_blocks(e: Entry, side: str, block_size: int) -> None:
+    if e.blocks and len(e.blocks) != block_count(e.size, block_size):
+        raise ValueError(
+            f"{side} manifest: {e.path!r} has {len(e.blocks)} block digests for "
+            f"{e.size} bytes; was it hashed with another block size than {block_size}?"
+        )
+
+
+def _not_identical(src: dict[str, Entry], dst: dict[str, Entry]) -> tuple[list[str], list[str]]:
+    """The source names that need a look (all but equal non-linked entries), and the target
+    names the source lacks. One pass: in a big tree nearly every name is equal."""
+    get = dst.get
+    changed = [p for p, s in src.items() if s.inode_key or s != get(p)]
+    extras = list(dst.keys() - src.keys())
+    return changed, extras
 
 
 def _in_order(entries: list[Entry]) -> tuple[Entry, ...]:
@@ -400,15 +411,14 @@ def _differing(
     b: dict[str, Entry],
     a_groups: dict[int, tuple[str, ...]],
     b_groups: dict[int, tuple[str, ...]],
+    changed: list[str],
+    extras: list[str],
 ) -> list[str]:
-    out = []
-    for path, x in a.items():
-        y = b.get(path)
-        if _identical(x, y):
-            continue
+    out = list(extras)
+    for path in changed:
+        x, y = a[path], b.get(path)
         if y is None or _entry_differs(path, x, y, a, b, a_groups, b_groups):
             out.append(path)
-    out.extend(path for path in b if path not in a)
     return sorted(out, key=_components)
 
 

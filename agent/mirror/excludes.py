@@ -6,6 +6,7 @@ negations say: a directory that is not mirrored has no mirrored contents.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -23,7 +24,7 @@ class Excludes:
             lines.append(pattern)
         try:
             self._spec = pathspec.GitIgnoreSpec.from_lines(lines)
-        except ValueError as exc:
+        except (ValueError, re.error) as exc:
             raise ValueError(
                 f"invalid exclude pattern: {exc}; use gitignore syntax, e.g. '*.tmp' or 'cache/'"
             ) from None

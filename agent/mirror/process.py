@@ -124,6 +124,8 @@ class MirrorProcess:
             journal,
             ack_timeout=float(self.spec.get("ack_timeout", 5.0)),
             on_event=self.event,
+            async_max_bytes=int(self.spec.get("async_max_bytes", 64 << 20)),
+            async_max_age=float(self.spec.get("async_max_age", 5.0)),
         )
         for index, path in enumerate(self.dirs):
             clear_stale_mount(path)

@@ -75,3 +75,14 @@ def test_agent_refuses_to_start_when_its_heartbeat_port_is_taken(lab: Lab) -> No
     assert "cannot start" in log and "198.18.0.1" in log
     assert "Traceback" not in log
     assert "198.18.0.100" not in lab.addresses("node1")
+
+
+def test_agent_refuses_a_state_directory_inside_a_replicated_one(lab: Lab) -> None:
+    state = lab.node_dir("node1") / "state-inside"
+    module = demo_module(directories=[{"path": str(lab.node_dir("node1"))}])
+    cluster = Cluster(lab, modules=[module])
+    proc = lab.start_agent("node1", cluster.config, state_dir=state)
+    assert proc.wait(20) == 1
+    log = cluster.log("node1")
+    assert "cannot start" in log and "inside" in log and "--state-dir" in log
+    assert "Traceback" not in log

@@ -237,7 +237,7 @@ def test_pgbench_commits_survive_the_primary_losing_power(lab: Lab, cluster: Clu
     resynced = time.monotonic()
     query(cluster, "INSERT INTO ledger(id, client, n) VALUES (-1, -1, 1)")
     before_swap = query(cluster, "SELECT count(*), sum(id) FROM ledger")
-    swap = cluster.ctl("node2", "swap", MODULE, "--timeout", "150", timeout=180)
+    swap = cluster.ctl("node2", "--timeout", "150", "swap", MODULE, timeout=180)
     assert swap.returncode == 0, f"swap: {swap.stdout}{swap.stderr}\n{node_logs(cluster)}"
     cluster.wait_state("node1", "PRIM", MODULE, timeout=60)
     wait_answers(cluster, 60)

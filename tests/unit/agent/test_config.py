@@ -545,6 +545,24 @@ BAD_CASES: list[tuple[str, Mutation, str, str]] = [
         "'sync', 'flush' or 'async'",
     ),
     (
+        "async-lag-bytes",
+        put("modules.0.replication.max_lag_bytes", 1000),
+        "modules[0].replication.max_lag_bytes",
+        "at least 1048576",
+    ),
+    (
+        "split-brain-policy",
+        put("modules.0.replication.split_brain", "newest"),
+        "modules[0].replication.split_brain",
+        "'manual', 'discard-younger-primary' or 'discard-least-changes'",
+    ),
+    (
+        "exclude-pattern",
+        put("modules.0.directories.0.exclude", ["ok/", "a/**/b/[z-a]"]),
+        "modules[0].directories[0].exclude[1]",
+        "gitignore syntax",
+    ),
+    (
         "unknown-module-key",
         put("modules.0.servce", {}),
         "modules[0].servce",
