@@ -453,7 +453,7 @@ class Agent:
         if r is None:
             return
         peer_alive = self.detector.peer_alive(now)
-        r.observe(self.peer_replication(m.cfg.name) if peer_alive else None)
+        r.observe(self.peer_replication(m.cfg.name) if peer_alive else None, m.state.is_serving)
         r.tick(
             decision.state,
             self.peer_replication(m.cfg.name) if peer_alive else None,

@@ -68,6 +68,9 @@ class ReplicationRuntime:
     resolve_keep: tuple[str, float] | None = None  # (node to keep, wall time of the word)
     split_reported: bool = False
     verify_waiter: asyncio.Future[dict[str, Any]] | None = None
+    peer_name: str = ""
+    primary_since: float = 0.0  # wall time this node last became primary (persisted)
+    _changes_cache: int | None = None
     _quarantine_size: int = 0
     _quarantine_measured: float = -1e9
     connecting: bool = False
@@ -82,6 +85,8 @@ class ReplicationRuntime:
             data = json.loads(raw)
             self.generations = Generations(data["c"], data["b"], tuple(data["h"]))
         self.pristine = self.store.get(self._key("pristine")) == "1"
+        self.primary_since = float(self.store.get(self._key("primary_since")) or 0.0)
+        self.peer_name = self.cluster.peer_of(self.node).name
         raw_keep = self.store.get(self._key("resolve"))
         if raw_keep:
             node, at = json.loads(raw_keep)
@@ -125,15 +130,25 @@ class ReplicationRuntime:
         log_event(log, reason, node=self.node, module=self.cfg.name, event=kind)
 
     def advertised(self) -> dict[str, Any]:
-        """What the peer needs in our heartbeat: generations, and whether we can receive."""
+        """What the peer needs in our heartbeat, compact: 32 modules must fit in one datagram.
+
+        g: generations (current, bitmap, newest history id); rx: receiving; p: pristine;
+        ps: when this node last became primary; sb/jc: split seen, changes counted; rk: resolve.
+        """
         g = self.generations
-        return {
-            "g": [g.current, g.bitmap, list(g.history[:2])],
-            "rx": self.role == "secondary" and self.handle is not None,
-            "sync": self.in_sync,
-            "p": self.pristine,
-            "rk": list(self.resolve_keep) if self.resolve_keep else None,
-        }
+        out: dict[str, Any] = {"g": [g.current, g.bitmap, list(g.history[:1])]}
+        if self.role == "secondary" and self.handle is not None:
+            out["rx"] = 1
+        if self.pristine:
+            out["p"] = 1
+        if self.primary_since:
+            out["ps"] = round(self.primary_since, 1)
+        if self.split_reported:
+            out["sb"] = 1
+            out["jc"] = self.change_count()
+        if self.resolve_keep:
+            out["rk"] = [self.resolve_keep[0], round(self.resolve_keep[1], 3)]
+        return out
 
     @staticmethod
     def peer_generations(raw: Any) -> Generations | None:
@@ -189,6 +204,8 @@ class ReplicationRuntime:
         self._save(self.generations.serving_alone(_new_id()), "primary: a new data generation")
         self.in_sync = False
         self.store.put(self._key("mounted"), "1")
+        self.primary_since = time.time()
+        self.store.put(self._key("primary_since"), repr(self.primary_since))
         handle = MirrorHandle(self.spec("primary"), self.on_mirror_event)
         try:
             await handle.start()
@@ -351,9 +368,28 @@ class ReplicationRuntime:
             node, at = theirs
             if mine is None or float(at) > mine[1]:
                 return str(node)
-        return None if mine is None else mine[0]
+        if mine is not None:
+            return mine[0]
+        return self.policy_keeps(peer_raw)
 
-    def observe(self, peer_raw: Any) -> None:
+    def policy_keeps(self, peer_raw: Any) -> str | None:
+        """The node an automatic split-brain policy keeps, or None (manual, or a tie)."""
+        policy = self.cfg.replication.split_brain
+        if policy == "manual" or not isinstance(peer_raw, dict) or not peer_raw.get("sb"):
+            return None  # also until the peer has seen the split and counted its changes
+        peer_node = self.peer_name
+        if policy == "discard-younger-primary":
+            # The node that became primary first served the clients longest: keep it.
+            mine, theirs = self.primary_since, float(peer_raw.get("ps") or 0.0)
+            if mine and theirs and mine != theirs:
+                return self.node if mine < theirs else peer_node
+            return None
+        mine_changes, their_changes = self.change_count(), int(peer_raw.get("jc") or 0)
+        if mine_changes == their_changes:
+            return None
+        return self.node if mine_changes > their_changes else peer_node
+
+    def observe(self, peer_raw: Any, serving: bool) -> None:
         """Every tick, on both sides: report a split brain (once), clear it when it is over."""
         peer = self.peer_generations(peer_raw) if isinstance(peer_raw, dict) else None
         verdict = self.verdict(peer)
@@ -366,7 +402,18 @@ class ReplicationRuntime:
                 self.store.put(self._key("resolve"), "")
             return
         keep = self.keep_resolved(peer_raw)
-        if keep is not None:
+        by_policy = self.resolve_keep is None and not (peer_raw or {}).get("rk")
+        if keep is not None and by_policy:
+            primary = self.node if serving else self.peer_name
+            self.problem = (
+                f"split brain: policy {self.cfg.replication.split_brain} keeps {keep}'s data"
+            )
+            if keep != primary:
+                self.problem += (
+                    f"; {keep} is not primary: make it primary (`tandemctl prim --force`) "
+                    "or resolve by hand"
+                )
+        elif keep is not None:
             self.problem = f"split brain: resolving, keeping {keep}'s data"
         else:
             self.problem = (
@@ -376,6 +423,7 @@ class ReplicationRuntime:
             )
         if not self.split_reported:
             self.split_reported = True
+            self._changes_cache = None
             changed = self.changed_here()
             listed = ", ".join(changed[:50]) + (" ..." if len(changed) > 50 else "")
             self.event(
@@ -384,6 +432,12 @@ class ReplicationRuntime:
                 f"{len(changed)} path(s){': ' + listed if changed else ''}",
                 changed=changed[:1000],
             )
+
+    def change_count(self) -> int:
+        """How much this node changed since the last sync (for discard-least-changes)."""
+        if self._changes_cache is None:
+            self._changes_cache = len(self.changed_here()) if self.split_reported else 0
+        return self._changes_cache
 
     def changed_here(self) -> list[str]:
         """What this node changed since the last sync, from its journal (names, not data)."""

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.cluster import DEMO_DIR, ROOT, VIP, Cluster
-from tests.lab import Lab, wait_for
+from tests.lab import Lab
 
 MODULE = "pg"
 PG_SCRIPTS = ROOT / "resources" / "modules" / "postgresql"
@@ -207,7 +207,8 @@ def test_pgbench_commits_survive_the_primary_losing_power(lab: Lab, cluster: Clu
         missing = sorted(numbers - have)
         assert not missing, (
             f"client {client}: {len(missing)} transactions pgbench saw committed are missing "
-            f"on node2 (first {missing[:5]}; {len(have)} rows there)\n{report}\n{node_logs(cluster)}"
+            f"on node2 (first {missing[:5]}; {len(have)} rows there)\n{report}\n"
+            f"{node_logs(cluster)}"
         )
     for client, have in sorted(found.items()):
         # A client runs one transaction at a time and aborts at its first failure: its rows
