@@ -71,6 +71,7 @@ class ReplicationRuntime:
     peer_name: str = ""
     primary_since: float = 0.0  # wall time this node last became primary (persisted)
     _changes_cache: int | None = None
+    _promoted: asyncio.Future[dict[str, Any]] | None = None
     _quarantine_size: int = 0
     _quarantine_measured: float = -1e9
     connecting: bool = False
@@ -198,12 +199,18 @@ class ReplicationRuntime:
         """Before the application starts: the directories go through the mirror file system."""
         if self.role == "primary" and self.handle is not None and self.handle.alive:
             return
-        await self.stop_mirror()
         # Writes land in the journal until the stream to the peer is attached, so the data
         # moves on from what the peer holds: a new generation, always (a swap included).
         self._save(self.generations.serving_alone(_new_id()), "primary: a new data generation")
         self.in_sync = False
         self.store.put(self._key("mounted"), "1")
+        alive = self.role == "secondary" and self.handle is not None and self.handle.alive
+        if alive and self.handle is not None and await self._promote(self.handle):
+            self.primary_since = time.time()
+            self.store.put(self._key("primary_since"), repr(self.primary_since))
+            self.event("mirror", "replicated directories mounted through the mirror")
+            return
+        await self.stop_mirror()
         self.primary_since = time.time()
         self.store.put(self._key("primary_since"), repr(self.primary_since))
         handle = MirrorHandle(self.spec("primary"), self.on_mirror_event)
@@ -215,6 +222,23 @@ class ReplicationRuntime:
         self.handle, self.role = handle, "primary"
         self.connected = False
         self.event("mirror", "replicated directories mounted through the mirror")
+
+    async def _promote(self, handle: MirrorHandle) -> bool:
+        """Ask the running secondary to become primary in place (a failover's fast path)."""
+        loop = asyncio.get_running_loop()
+        self._promoted = loop.create_future()
+        if not handle.send({"cmd": "promote"}):
+            return False
+        try:
+            outcome = await asyncio.wait_for(self._promoted, 20.0)
+        except TimeoutError:
+            outcome = {"event": "promote_failed", "reason": "no answer in 20 s"}
+        if outcome.get("event") != "promoted":
+            self.event("mirror", f"in-place promotion failed: {outcome.get('reason')}; restarting")
+            return False
+        self.role = handle.role = "primary"
+        self.connected = False
+        return True
 
     async def become_secondary(self) -> None:
         if self.role == "secondary" and self.handle is not None and self.handle.alive:
@@ -301,6 +325,9 @@ class ReplicationRuntime:
                 f"bytes) from {message.get('root')} in {message.get('directory')}; remove them "
                 "when you are done with them",
             )
+        elif kind in ("promoted", "promote_failed"):
+            if self._promoted is not None and not self._promoted.done():
+                self._promoted.set_result(message)
         elif kind == "verify_done":
             if self.verify_waiter is not None and not self.verify_waiter.done():
                 self.verify_waiter.set_result(message)

@@ -42,7 +42,6 @@ from tests.lab import (
     LabError,
     _proc_start,
     delete_netns,
-    kill_netns_processes,
     netns_socket,
     wait_for,
 )
@@ -315,11 +314,12 @@ class MirrorPair:
         for ns in names:
             _run(["ip", "netns", "add", ns])
             self._created.append(ns)
-        _run(
-            ["ip", "link", "add", "eth0", "netns", self.ns_primary, "type", "veth"]
-            + ["peer", "name", "eth0", "netns", self.ns_secondary]
-        )
-        for ns, address in ((self.ns_primary, PRIMARY_ADDRESS), (self.ns_secondary, SECONDARY_ADDRESS)):
+        veth = f"link add eth0 netns {self.ns_primary} type veth peer name eth0 netns"
+        _run(["ip", *veth.split(), self.ns_secondary])
+        for ns, address in (
+            (self.ns_primary, PRIMARY_ADDRESS),
+            (self.ns_secondary, SECONDARY_ADDRESS),
+        ):
             self.ip(ns, "addr", "add", f"{address}/24", "dev", "eth0")
             self.ip(ns, "link", "set", "eth0", "up")
             self.ip(ns, "link", "set", "lo", "up")
@@ -544,19 +544,21 @@ class MirrorPair:
             received.append(time.perf_counter())
             conn.sendall(b"k")
 
-        with _Server(netns_socket(self.ns_secondary), PROBE_PORT, sink):
-            with netns_socket(self.ns_primary) as sock:
-                for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-                    sock.setsockopt(socket.SOL_SOCKET, option, 4 << 20)
-                sock.connect((SECONDARY_ADDRESS, PROBE_PORT))
-                chunk = memoryview(bytes(1 << 20))
-                start = time.perf_counter()
-                left = nbytes
-                while left > 0:
-                    sock.sendall(chunk[: min(left, len(chunk))])
-                    left -= len(chunk)
-                sock.recv(1)
-                end = received[0] if received else time.perf_counter()
+        with (
+            _Server(netns_socket(self.ns_secondary), PROBE_PORT, sink),
+            netns_socket(self.ns_primary) as sock,
+        ):
+            for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                sock.setsockopt(socket.SOL_SOCKET, option, 4 << 20)
+            sock.connect((SECONDARY_ADDRESS, PROBE_PORT))
+            chunk = memoryview(bytes(1 << 20))
+            start = time.perf_counter()
+            left = nbytes
+            while left > 0:
+                sock.sendall(chunk[: min(left, len(chunk))])
+                left -= len(chunk)
+            sock.recv(1)
+            end = received[0] if received else time.perf_counter()
         return nbytes / (end - start)
 
     def stream_bytes(self) -> tuple[int, int]:
@@ -628,7 +630,7 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 
 
 class SoloMirror:
-    """A primary mirror process with no peer (it journals ALONE), in a mount namespace of its own."""
+    """A primary mirror process with no peer (journalling ALONE), in its own mount namespace."""
 
     def __init__(self, base: Path, mode: str = "sync") -> None:
         _check_choice("mode", mode, MODES)
@@ -709,3 +711,112 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
     """Poll `predicate` until true; PairError naming `what` if it never is."""
     if not wait_for(predicate, timeout):
         raise PairError(f"{what}: not within {timeout:g} s")
+
+
+# --- workloads (writers run where a mount is seen: pid None = here) ----------------------------
+
+SMALL_WRITER = """
+import json, os, random, sys, time
+path, file_bytes, count, every = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+fd = os.open(path, os.O_RDWR)
+rng = random.Random(7)
+block = os.urandom(4096)
+blocks = file_bytes // 4096
+offsets = [rng.randrange(blocks) * 4096 for _ in range(count)]
+lat = []
+start = time.perf_counter()
+last = start
+for i, offset in enumerate(offsets, 1):
+    os.pwrite(fd, block, offset)
+    if i % every == 0:
+        os.fsync(fd)
+        now = time.perf_counter()
+        lat.append(now - last)
+        last = now
+took = time.perf_counter() - start
+os.close(fd)
+lat.sort()
+print(json.dumps({"ops_per_s": count / took, "p50_s": lat[len(lat) // 2],
+                  "p99_s": lat[min(len(lat) - 1, int(len(lat) * 0.99))]}))
+"""
+
+FILLER = """
+import os, sys
+path, size = sys.argv[1], int(sys.argv[2])
+pattern = os.urandom(64 << 20)
+view = memoryview(pattern)
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+done = 0
+while done < size:
+    chunk = min(1 << 20, size - done)
+    start = (done * 7) % (len(pattern) - chunk)
+    os.write(fd, view[start : start + chunk])
+    done += chunk
+os.fdatasync(fd)
+os.close(fd)
+"""
+
+SCATTER = """
+import json, os, random, sys
+path, size, fraction = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+run, seed = int(sys.argv[4]), int(sys.argv[5])
+rng = random.Random(seed)
+slots = size // run
+count = max(1, int(size * fraction) // run)
+chosen = sorted(rng.sample(range(slots), count))
+fd = os.open(path, os.O_WRONLY)
+data = os.urandom(run)
+for slot in chosen:
+    os.pwrite(fd, data, slot * run)
+os.fdatasync(fd)
+os.close(fd)
+print(json.dumps({"changed_bytes": count * run, "writes": count}))
+"""
+
+
+def bench_scale(name: str = "TANDEM_BENCH_SCALE") -> float:
+    """The size factor of the benchmarks (env TANDEM_BENCH_SCALE, default 1; 0.1 is quick)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return 1.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 100:
+        raise PairError(f"{name}={raw!r}: give a factor between 0 and 100, e.g. {name}=0.1")
+    return value
+
+
+def dd_write(pid: int | None, path: Path, mib: int) -> float:
+    """Bytes/s of dd overwriting `mib` MiB of `path` in 1 MiB writes, fdatasync included."""
+    argv = ["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={mib}", "conv=fdatasync,notrunc"]
+    done = run_in_mount_ns(pid, argv)
+    found = re.search(r"^(\d+) bytes .* copied, ([0-9.]+) s", done.stderr, re.MULTILINE)
+    if found is None:
+        raise PairError(f"dd said nothing we can read: {done.stderr.strip()}")
+    return int(found[1]) / float(found[2])
+
+
+def small_writes(
+    pid: int | None, path: Path, file_bytes: int, count: int, fsync_every: int
+) -> dict[str, float]:
+    """4 KiB random overwrites, an fsync every `fsync_every`: ops/s and the p50/p99 time of
+    each group of writes with its fsync (with fsync_every=1: one fsync'd write)."""
+    argv = [sys.executable, "-c", SMALL_WRITER, str(path), str(file_bytes), str(count)]
+    done = run_in_mount_ns(pid, [*argv, str(fsync_every)])
+    result: dict[str, float] = json.loads(done.stdout)
+    return result
+
+
+def fill(pid: int | None, path: Path, size: int) -> None:
+    """Write `size` bytes of incompressible data to a new `path` (fdatasync at the end)."""
+    run_in_mount_ns(pid, [sys.executable, "-c", FILLER, str(path), str(size)])
+
+
+def scatter(pid: int | None, path: Path, size: int, fraction: float, run: int, seed: int) -> int:
+    """Overwrite `fraction` of `path` in distinct aligned runs of `run` bytes at random places;
+    returns the bytes changed."""
+    argv = [sys.executable, "-c", SCATTER, str(path), str(size), str(fraction), str(run)]
+    done = run_in_mount_ns(pid, [*argv, str(seed)])
+    return int(json.loads(done.stdout)["changed_bytes"])

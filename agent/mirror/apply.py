@@ -73,8 +73,15 @@ def _check(result: int, what: str) -> None:
 class Applier:
     """Applies operations to the replicated directories open as `root_fds` (not owned)."""
 
-    def __init__(self, root_fds: Sequence[int], root_names: Sequence[str] | None = None) -> None:
-        """`root_names` (the directories' paths) only make error reasons readable."""
+    def __init__(
+        self,
+        root_fds: Sequence[int],
+        root_names: Sequence[str] | None = None,
+        excluded: Sequence[Callable[[str, bool], bool] | None] | None = None,
+    ) -> None:
+        """`root_names` (the directories' paths) only make error reasons readable; `excluded`
+        says which names each node keeps for itself (they may stand in a directory's way)."""
+        self.excluded = list(excluded) if excluded is not None else [None] * len(root_fds)
         if root_names is not None and len(root_names) != len(root_fds):
             raise ValueError(f"{len(root_names)} names given for {len(root_fds)} directories")
         self.root_fds = list(root_fds)
@@ -331,7 +338,16 @@ class Applier:
         self._forget(root_fd, op.path)
         try:
             with self._parent(root_fd, op.path) as (parent, name):
-                os.rmdir(name, dir_fd=parent)
+                try:
+                    os.rmdir(name, dir_fd=parent)
+                except OSError as exc:
+                    # The primary removed an empty directory; here it may still hold names
+                    # excluded from replication (this node's own): they go with it.
+                    excluded = self.excluded[op.root]
+                    if exc.errno != errno.ENOTEMPTY or excluded is None:
+                        raise
+                    _remove_excluded_tree(parent, name, op.path, excluded)
+                    os.rmdir(name, dir_fd=parent)
         except FileNotFoundError:
             pass
 
@@ -488,3 +504,39 @@ def _replace_nondir(parent: int, name: str, make: Callable[[], None]) -> None:
             raise
         os.unlink(name, dir_fd=parent)
         make()
+
+
+def _remove_excluded_tree(
+    parent: int, name: str, path: str, excluded: Callable[[str, bool], bool]
+) -> None:
+    """Remove what is left in directory `name` if every entry is excluded (else ENOTEMPTY)."""
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+    try:
+        entries = list(os.scandir(fd))
+        for entry in entries:
+            is_dir = entry.is_dir(follow_symlinks=False)
+            child = f"{path}/{entry.name}"
+            if is_dir and not excluded(child, True):
+                _remove_excluded_tree(fd, entry.name, child, excluded)
+                os.rmdir(entry.name, dir_fd=fd)
+            elif not excluded(child, is_dir):
+                raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), child)
+            elif is_dir:
+                _remove_any_tree(fd, entry.name)
+            else:
+                os.unlink(entry.name, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_any_tree(parent: int, name: str) -> None:
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+    try:
+        for entry in list(os.scandir(fd)):
+            if entry.is_dir(follow_symlinks=False):
+                _remove_any_tree(fd, entry.name)
+            else:
+                os.unlink(entry.name, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=parent)

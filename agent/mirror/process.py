@@ -108,6 +108,7 @@ class MirrorProcess:
         self.replicator: MirrorReplicator | None = None
         self.progress: Progress | None = None
         self.receiver_thread: threading.Thread | None = None
+        self.receiver: Receiver | None = None
         self._quarantine_dir: Path | None = None
         self._stopping = threading.Event()
 
@@ -136,6 +137,25 @@ class MirrorProcess:
             self.mounts.append(mount)
             self.root_fds.append(mount.dir_fd)
         threading.Thread(target=self._figures_loop, daemon=True).start()
+
+    def promote(self) -> None:
+        """Secondary → primary in place: no new process to start during a failover."""
+        if self.receiver_thread is not None and self.receiver is not None:
+            self.receiver.stream.close()  # a primary still sending must not write under us
+            self.receiver_thread.join(10)
+        for path in self.bound:
+            subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+        self.bound = []
+        for fd in self.root_fds:
+            os.close(fd)
+        self.root_fds = []
+        self.spec["role"] = "primary"
+        try:
+            self.start_primary()
+        except Exception as exc:  # reported in words; the agent decides
+            self.event({"event": "promote_failed", "reason": str(exc)})
+            return
+        self.event({"event": "promoted"})
 
     def start_secondary(self) -> None:
         for path in self.dirs:
@@ -237,7 +257,7 @@ class MirrorProcess:
             sock.close()
             self.event({"event": "bad_frame", "reason": f"handshake failed: {exc}"})
             return
-        applier = Applier(self.root_fds, [str(d) for d in self.dirs])
+        applier = Applier(self.root_fds, [str(d) for d in self.dirs], self.excluded)
         receiver = Receiver(
             stream, applier, self.root_fds, self.event, self.excluded, self._quarantine
         )
@@ -248,6 +268,7 @@ class MirrorProcess:
             applier.close()
             self.event({"event": "stream_ended", "reason": reason})
 
+        self.receiver = receiver
         self.receiver_thread = threading.Thread(target=serve, daemon=True)
         self.receiver_thread.start()
 
@@ -337,6 +358,8 @@ class MirrorProcess:
                 self.event({"event": "alone"})
             elif name == "step_down" and self.replicator is not None:
                 self.replicator.step_down(str(command.get("reason", "stepping down")))
+            elif name == "promote" and self.replicator is None:
+                self.promote()
             elif name == "verify" and self.replicator is not None:
                 threading.Thread(target=self.verify, daemon=True).start()
             elif name == "stop":

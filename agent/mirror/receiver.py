@@ -20,10 +20,9 @@ from agent.core import mirror_frames as mf
 from agent.core.mirror_ops import OpError, decode_op
 from agent.mirror.apply import Applier, ApplyError
 from agent.mirror.link import LinkClosed, Stream
-from agent.mirror.manifest import encode_entries, scan
+from agent.mirror.manifest import encode_chunks, scan
 
 ACK_EVERY = 64
-MANIFEST_CHUNK = 20_000  # entries per MANIFEST frame
 
 
 class Receiver:
@@ -105,14 +104,9 @@ class Receiver:
                 f"manifest asked for replicated directory {root}, which is not ours"
             )
         paths = message.get("paths")
-        chunk = []
-        for entry in scan(self.root_fds[root], self.excluded[root], paths=paths):
-            chunk.append(entry)
-            if len(chunk) >= MANIFEST_CHUNK:
-                self.stream.send(mf.FrameKind.MANIFEST, encode_entries(chunk))
-                chunk = []
-        if chunk:
-            self.stream.send(mf.FrameKind.MANIFEST, encode_entries(chunk))
+        entries = scan(self.root_fds[root], self.excluded[root], paths=paths)
+        for chunk in encode_chunks(entries):
+            self.stream.send(mf.FrameKind.MANIFEST, chunk)
         self.stream.send(mf.FrameKind.MANIFEST, b"")
 
     def _refuse(self, reason: str) -> None:

@@ -46,7 +46,7 @@ from agent.core.mirror_ops import (
 )
 from agent.core.resync import differing_paths, plan
 from agent.mirror.link import LinkClosed
-from agent.mirror.manifest import Entry, decode_entries, scan
+from agent.mirror.manifest import Entry, ManifestReader, scan
 from agent.mirror.sender import LinkState, MirrorReplicator
 
 CHUNK = 1 << 20
@@ -124,6 +124,7 @@ class SourceResync:
         # The target's own versions of what differs are kept aside first (split brain, or
         # a first sync onto a directory that already held files).
         self.quarantine = quarantine
+        self._source_paths: set[str] = set()
 
     # --- full, by block hashes ---------------------------------------------------------------
 
@@ -146,6 +147,7 @@ class SourceResync:
             self.changed.extend((root, p) for p in steps.changed_paths)
         self.progress.total_bytes += steps.total_bytes
         by_path = {e.path: e for e in target}
+        self._source_paths = {e.path for e in source}
         if self.quarantine and first:
             doomed = [p for p in steps.changed_paths if p in by_path and by_path[p].kind != "dir"]
             if doomed:
@@ -212,10 +214,8 @@ class SourceResync:
 
     def _remove(self, root: int, path: str, target: Entry | None) -> None:
         with self.replicator.ordered():
-            if self._lstat(root, path) is not None and target is not None:
-                current_kind = _kind(self._lstat(root, path))
-                if current_kind == target.kind:
-                    return  # it came back meanwhile, and a live op already mirrored it
+            if path not in self._source_paths and self._lstat(root, path) is not None:
+                return  # an extra that came back meanwhile: a live op already mirrored it
             if target is not None and target.kind == "dir":
                 self._enqueue(Rmdir(root, path))
             else:
@@ -303,6 +303,7 @@ def target_manifest(
         request["paths"] = paths
     ticket = replicator.enqueue_control(request)
     entries: list[Entry] = []
+    reader = ManifestReader()
     while True:
         if replicator.state is not LinkState.CONNECTED:
             raise LinkClosed(replicator.reason)
@@ -314,7 +315,11 @@ def target_manifest(
             continue
         if not payload:
             break
-        entries.extend(decode_entries(payload))
+        try:
+            entries.extend(reader.feed(payload))
+        except ValueError as exc:
+            raise LinkClosed(f"the peer's manifest is malformed: {exc}") from None
+    reader.close()
     replicator.wait_acked(ticket)
     return entries
 

@@ -637,3 +637,23 @@ def test_random_sequences_give_identical_trees_and_only_apply_errors(ops: list[m
             assert (area.outside / "secret").read_bytes() == b"secret"
             assert sorted(os.listdir(area.outside)) == ["secret"]
             assert stat.S_IMODE(os.stat(area.outside / "secret").st_mode) == 0o640
+
+
+def test_a_mirrored_rmdir_takes_this_nodes_excluded_names_with_it(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "cache" / "deep").mkdir(parents=True)
+    (root / "cache" / "x.tmp").write_text("node-local scratch")
+    (root / "cache" / "deep" / "y.tmp").write_text("more scratch")
+    (root / "keep").mkdir()
+    (root / "keep" / "data.db").write_text("mirrored data")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        applier = Applier([fd], excluded=[lambda path, is_dir: path.endswith(".tmp")])
+        applier.apply(mo.Rmdir(0, "cache"))
+        assert not (root / "cache").exists()
+        with pytest.raises(ApplyError) as refused:
+            applier.apply(mo.Rmdir(0, "keep"))
+        assert refused.value.errno == errno.ENOTEMPTY
+        assert (root / "keep" / "data.db").read_text() == "mirrored data"
+    finally:
+        os.close(fd)

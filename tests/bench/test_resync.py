@@ -1,0 +1,157 @@
+"""Benchmark: what a resync sends, and how fast, after the peer was away.
+
+A primary and a secondary mirror process (tests/mirror_pair.py) hold a 2 GiB file in sync.
+Then the agent's `alone` drops the stream, the primary changes the file while alone, and a
+reconnect resyncs:
+- incremental, 1% changed in random 4 KiB blocks, then 1% changed in 1 MiB runs: bytes the
+  primary sent (TCP payload of the replication connection, from `ss`) against bytes changed;
+- full, nothing changed: bytes sent against the file's size (both sides hash by blocks);
+- on the veth shaped to 1 Gbit/s (tbf), an incremental resync of a large rewrite: its rate
+  against a plain TCP transfer on the same link, rounds interleaved.
+Sizes scale with TANDEM_BENCH_SCALE (default 1; 0.1 for a quick run); TANDEM_BENCH_ROUNDS
+(default 3) rounds of the rate. Measures only; fails only if a copy ends up different.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from blake3 import blake3
+
+from tests.bench.conftest import (
+    _NEIGHBOURS,
+    Neighbours,
+    _env_int,
+    median,
+    ratio,
+    report,
+    wait_until_alone,
+)
+from tests.mirror_pair import MirrorPair, PairError, bench_scale, dd_write, fill, scatter
+
+pytestmark = pytest.mark.timeout(5400)
+
+try:
+    SCALE = bench_scale()
+except PairError as exc:
+    raise pytest.UsageError(str(exc)) from None
+_rounds = os.environ.get("TANDEM_BENCH_ROUNDS", "3").strip() or "3"
+if not _rounds.isdigit() or not 1 <= int(_rounds) <= 50:
+    raise pytest.UsageError(f"TANDEM_BENCH_ROUNDS={_rounds!r}: give 1 to 50, e.g. 3")
+ROUNDS = int(_rounds)
+MIB = 1 << 20
+FILE_BYTES = max(64, int(2048 * SCALE)) * MIB
+RATE_MIB = max(32, int(1024 * SCALE))  # rewritten while alone, then resynced on the shaped link
+CHANGED = 0.01
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fewer_neighbours() -> None:
+    """Wait a while for other labs on this host to end (BENCH_WAIT_SECONDS, default 120)."""
+    wait_until_alone(_env_int("BENCH_WAIT_SECONDS", 120, 0, "120"))
+
+
+@pytest.fixture(autouse=True)
+def neighbours() -> Iterator[None]:
+    """Each report says which other labs shared the CPU while it was measured."""
+    watch = Neighbours()
+    watch.start()
+    _NEIGHBOURS.append(watch)
+    try:
+        yield
+    finally:
+        watch.stop()
+        _NEIGHBOURS.remove(watch)
+
+
+def digest(path: Path) -> str:
+    hasher = blake3()
+    with path.open("rb") as f:
+        while chunk := f.read(8 * MIB):
+            hasher.update(chunk)
+    return str(hasher.hexdigest())
+
+
+def check_copy(pair: MirrorPair, name: str) -> None:
+    a, b = pair.primary_dir / name, pair.secondary_dir / name
+    assert digest(a) == digest(b), f"after the resync the secondary's {name} differs from {a}"
+
+
+def met(ok: bool) -> str:
+    return "**met**" if ok else "**missed**"
+
+
+def seconds(done: dict[str, object]) -> float:
+    connected = done["connected"]
+    assert isinstance(connected, dict)
+    return float(done["at"]) - float(connected["at"])  # type: ignore[arg-type]
+
+
+def test_resync_bytes(tmp_path: Path) -> None:
+    rows = []
+    with MirrorPair(tmp_path / "pair", mode="sync") as pair:
+        pair.connect("none")
+        big = pair.primary_mount / "big"
+        fill(pair.primary_pid, big, FILE_BYTES)
+        check_copy(pair, "big")
+        for label, run, seed in (("random 4 KiB blocks", 4096, 1), ("1 MiB runs", MIB, 2)):
+            pair.alone()
+            changed = scatter(pair.primary_pid, big, FILE_BYTES, CHANGED, run, seed)
+            done = pair.connect("incremental")
+            sent, received = pair.stream_bytes()
+            check_copy(pair, "big")
+            rows.append(
+                [f"incremental, 1% changed in {label}", f"{changed / MIB:.1f} MiB changed",
+                 f"{sent / MIB:.2f} MiB", ratio(sent, changed), f"{received / 1024:.0f} KiB",
+                 f"{seconds(done):.2f} s", f"≤ 1.10× changed: {met(sent <= 1.1 * changed)}"]
+            )  # fmt: skip
+        pair.alone()
+        done = pair.connect("full")
+        sent, received = pair.stream_bytes()
+        check_copy(pair, "big")
+        rows.append(
+            ["full, nothing changed", f"{FILE_BYTES / MIB:.0f} MiB held", f"{sent / MIB:.2f} MiB",
+             f"{sent / FILE_BYTES * 100:.3f}% of the data", f"{received / 1024:.0f} KiB",
+             f"{seconds(done):.2f} s", f"≤ 1% of the data: {met(sent <= 0.01 * FILE_BYTES)}"]
+        )  # fmt: skip
+    report(
+        f"Resync bytes, one {FILE_BYTES / MIB:.0f} MiB file, bare veth",
+        ["resync", "baseline", "primary sent", "÷ baseline", "received (acks, hashes)",
+         "connect → resync_done", "goal"],
+        rows,
+    )  # fmt: skip
+
+
+def test_resync_rate_shaped(tmp_path: Path) -> None:
+    raw: list[float] = []
+    rates: list[float] = []
+    by_bytes: list[float] = []
+    with MirrorPair(tmp_path / "pair", mode="sync", shaped="1gbit") as pair:
+        pair.connect("none")
+        big = pair.primary_mount / "big"
+        dd_write(pair.primary_pid, big, RATE_MIB)  # in sync: the peer has it too
+        for _ in range(ROUNDS):
+            raw.append(pair.tcp_rate(RATE_MIB * MIB))
+            pair.alone()
+            fill(pair.primary_pid, big, RATE_MIB * MIB)  # every byte differs now
+            done = pair.connect("incremental")
+            took = seconds(done)
+            sent, _ = pair.stream_bytes()
+            rates.append(float(done["done_bytes"]) / took)
+            by_bytes.append(sent / took)
+        check_copy(pair, "big")
+    link, rate = median(raw), median(rates)
+    report(
+        f"Resync rate, {RATE_MIB} MiB rewritten while alone, veth shaped to 1 Gbit/s (tbf)",
+        ["what", "median", "÷ link", "goal"],
+        [
+            ["plain TCP transfer (the link's rate)", f"{link / 1e6:.0f} MB/s", "1.00×", ""],
+            ["incremental resync (file bytes / time)", f"{rate / 1e6:.0f} MB/s",
+             ratio(rate, link), f"≥ 0.90× link: {met(rate >= 0.9 * link)}"],
+            ["same, bytes on the wire / time", f"{median(by_bytes) / 1e6:.0f} MB/s",
+             ratio(median(by_bytes), link), ""],
+        ],
+    )  # fmt: skip
