@@ -72,6 +72,8 @@ class ReplicationRuntime:
     primary_since: float = 0.0  # wall time this node last became primary (persisted)
     _changes_cache: int | None = None
     _promoted: asyncio.Future[dict[str, Any]] | None = None
+    stepped_down: bool = False
+    failed_connects: int = 0
     _quarantine_size: int = 0
     _quarantine_measured: float = -1e9
     connecting: bool = False
@@ -292,6 +294,7 @@ class ReplicationRuntime:
                 self.generations.after_resync_as_source(), "resync done, the peer is in sync"
             )
             self._set_pristine(True, "")
+            self.failed_connects = 0
             changed = message.get("changed") or []
             self.event(
                 "resync", f"resync done ({message.get('kind')}): {len(changed)} paths differed"
@@ -342,6 +345,14 @@ class ReplicationRuntime:
     ) -> None:
         if not self.enabled or self.handle is None or self.role != "primary":
             return
+        if not state.is_serving:
+            # Stepping down (no lease, a swap, a stop): writes still waiting for the peer are
+            # never acknowledged; they fail at once instead of hanging the application's stop.
+            if not self.stepped_down:
+                self.stepped_down = True
+                self.handle.send({"cmd": "step_down", "reason": f"this node is {state} now"})
+            return
+        self.stepped_down = False
         peer = self.peer_generations(peer_raw) if isinstance(peer_raw, dict) else None
         if self.link_lost is not None or (
             state is State.ALONE and (self.connected or self.connecting)
@@ -371,7 +382,9 @@ class ReplicationRuntime:
             resync = "none"
         elif verdict is SyncVerdict.INCREMENTAL_FROM_LOCAL and self.pristine and peer_raw.get("p"):
             resync = "incremental"
-        self.connect_at = now + RECONNECT_EVERY
+        # A stream that keeps failing (a full disk on the peer) is retried ever less often.
+        self.connect_at = now + min(30.0, RECONNECT_EVERY * 2**self.failed_connects)
+        self.failed_connects += 1
         self.connecting = True
         g = self.generations.after_resync_as_source()
         done = {"g": [g.current, g.bitmap, list(g.history)]}

@@ -876,6 +876,29 @@ class Lab:
             f"{rules}  }}\n}}\n",
         )
 
+    def cut_replication(self, node: str, port: int = 7702) -> None:
+        """The network drops TCP to and from the peer port of `node`: the replication stream
+        dies while heartbeats still flow (a firewall change, a broken middlebox)."""
+        member = self._node(node)
+        rules = "".join(
+            f'    {way} "{self._port(node, n)}" tcp {end} {port} drop\n'
+            for n in member.networks
+            for way in ("iifname", "oifname")
+            for end in ("sport", "dport")
+        )
+        table = f"tandem_lab_repl_{member.short}"
+        self.nft(
+            "lan",
+            f"add table bridge {table}\ndelete table bridge {table}\n"
+            f"table bridge {table} {{\n"
+            f"  chain forward {{\n    type filter hook forward priority 0; policy accept;\n"
+            f"{rules}  }}\n}}\n",
+        )
+
+    def restore_replication(self, node: str) -> None:
+        table = f"tandem_lab_repl_{self._node(node).short}"
+        self.nft("lan", f"add table bridge {table}\ndelete table bridge {table}\n")
+
     def restore_heartbeats(self, node: str) -> None:
         """Let the node's heartbeats pass again."""
         table = f"tandem_lab_hb_{self._node(node).short}"

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import random
+import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.core import mirror_frames as mf
 from tests.cluster import DEMO_DIR, Cluster
 from tests.lab import Lab, wait_for
 
@@ -257,3 +259,113 @@ def test_a_split_brain_is_reported_and_resolve_keeps_one_side_with_the_other_in_
         assert verify.returncode == 0 and "same data" in verify.stdout, verify
     finally:
         cluster.stop_agents()
+
+
+def test_a_dead_replication_link_ends_the_wait_after_ack_timeout_and_resyncs_later(
+    lab: Lab,
+) -> None:
+    cluster = Cluster(lab, timing={"ack_timeout": 2.0}).start()
+    try:
+        cluster.wait_healthy_pair("node1")
+        wait_in_sync(cluster, "node2")
+        before = cluster.module("node1")
+        assert before is not None
+        generation = before["replication"]["generation"]
+
+        lab.cut_replication("node2")  # heartbeats still flow: nobody fails over
+        answer = cluster.post_record(b"while the link is dead", timeout=30)
+        assert answer is not None, "the write must complete once the primary journals it"
+        cluster.wait_until(
+            "node1 serves on, in a new data generation, node2 no longer in sync",
+            lambda: (
+                (m := cluster.module("node1")) is not None
+                and m["replication"]["generation"] != generation
+                and not replication(cluster, "node2").get("in_sync")
+            ),
+        )
+        assert cluster.state("node1") in ("PRIM", "ALONE")
+        assert cluster.state("node2") in ("SECOND", "WAIT")
+
+        lab.restore_replication("node2")
+        wait_in_sync(cluster, "node2")
+        wait_nothing_pending(cluster, "node1")
+        assert records_on(lab, "node2") == records_on(lab, "node1")
+        assert "while the link is dead" in records_on(lab, "node2").values()
+    finally:
+        cluster.stop_agents()
+
+
+def test_a_full_disk_on_the_secondary_is_reported_and_loses_no_acknowledged_data(
+    lab: Lab,
+) -> None:
+    small = lab.tmp_dir / "small-disk"  # unmounted by the lab's teardown, like all below it
+    small.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tandem-test", str(small)], check=True)
+    cluster = Cluster(lab)
+    try:
+        cluster.start(nodes=("node1",))
+        # node2's replicated directory is that small disk (bound over it in its namespace)
+        data_dir(lab, "node2").mkdir(parents=True)
+        cluster.agents["node2"] = lab.start_agent(
+            "node2",
+            cluster.config,
+            private_dirs={DEMO_DIR: Path("srv"), f"{DEMO_DIR}/data": small},
+        )
+        cluster.wait_healthy_pair("node1")
+        wait_in_sync(cluster, "node2")
+        big = f"{DEMO_DIR}/data/big.bin"
+        script = f"head -c 8M /dev/urandom > {big} && sync {big} && sha256sum {big}"
+        pid = str(cluster.agent_pid("node1"))
+        done = subprocess.run(
+            ["nsenter", "-t", pid, "-m", "sh", "-c", script],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, f"the application saw an error: {done.stderr}"
+        written = done.stdout.split()[0]
+        assert hashlib.sha256((data_dir(lab, "node1") / "big.bin").read_bytes()).hexdigest() == (
+            written
+        )
+        cluster.wait_until(
+            "node2 reports the full disk in its event log",
+            lambda: "No space left" in cluster.ctl("node2", "logs", "web", "-n", "50").stdout,
+        )
+        assert not replication(cluster, "node2").get("in_sync")
+        assert cluster.post_record(b"after the disk filled", timeout=10) is not None
+    finally:
+        cluster.stop_agents()
+
+
+def test_forged_replication_streams_are_refused_and_logged(lab: Lab, cluster: Cluster) -> None:
+    cluster.wait_healthy_pair("node1")
+    wait_in_sync(cluster, "node2")
+    forged_key = bytes(32)  # an attacker without the cluster key
+    hello = mf.encode_json({"cluster": "lab", "module": "web", "node": "node1", "nonce": "00" * 16})
+    attempts = [
+        b"GET / HTTP/1.0\r\n\r\n",  # not our protocol at all
+        mf.encode(mf.base_key(forged_key), mf.FrameKind.HELLO, 0, hello),  # wrong key
+    ]
+    for attempt in attempts:
+        sock = lab.socket("client", socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(5)
+            sock.connect(("198.18.0.2", 7702))
+            sock.sendall(attempt)
+            assert sock.recv(100) == b"", "a forged stream must be closed without an answer"
+        finally:
+            sock.close()
+    cluster.wait_until(
+        "node2 logs both refusals",
+        lambda: (
+            len(
+                [
+                    e
+                    for e in cluster.api_get("node2", "/api/v1/events/log") or []
+                    if "refused a" in e["reason"]
+                ]
+            )
+            >= 2
+        ),
+    )
+    assert cluster.post_record(b"still mirrored") is not None
+    assert records_on(lab, "node2") == records_on(lab, "node1")
+    assert replication(cluster, "node2").get("in_sync")
