@@ -1,0 +1,178 @@
+"""The primary's replicator over a real stream to a real receiver: what each mode waits for."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.core.mirror_ops import Create, Fsync, Write
+from agent.mirror import link
+from agent.mirror.apply import Applier
+from agent.mirror.journal import Journal
+from agent.mirror.receiver import Receiver
+from agent.mirror.replicator import WaitPoint
+from agent.mirror.sender import LinkState, MirrorReplicator
+
+KEY = bytes(range(32))
+
+
+@dataclass
+class Pair:
+    """A replicator streaming to a receiver that applies into `target` (loopback TCP)."""
+
+    replicator: MirrorReplicator
+    target: Path
+    events: list[dict[str, Any]] = field(default_factory=list)
+    receiver_events: list[dict[str, Any]] = field(default_factory=list)
+    gate: threading.Event = field(default_factory=threading.Event)  # clear: the receiver stalls
+
+
+def start_pair(tmp_path: Path, mode: str, ack_timeout: float = 30.0) -> Iterator[Pair]:
+    target = tmp_path / "target"
+    target.mkdir()
+    events: list[dict[str, Any]] = []
+    journal = Journal(tmp_path / "web.journal")
+    replicator = MirrorReplicator(
+        mode,  # type: ignore[arg-type]
+        journal,
+        ack_timeout=ack_timeout,
+        on_event=events.append,
+        async_max_bytes=1 << 20,
+        async_max_age=30.0,
+    )
+    pair = Pair(replicator, target, events)
+    pair.gate.set()
+    server = socket.create_server(("127.0.0.1", 0))
+    root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    applier = Applier([root_fd])
+
+    class GatedApplier(Applier):
+        def apply(self, op: Any) -> None:
+            pair.gate.wait(30)
+            applier.apply(op)
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        hello = link.read_hello(conn, KEY)
+        stream = link.accept(conn, hello, KEY, "node2")
+        Receiver(
+            stream, GatedApplier([root_fd]), [root_fd], pair.receiver_events.append, [None]
+        ).run()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    port = server.getsockname()[1]
+    stream = link.connect("127.0.0.1", port, KEY, cluster="c", module="web", node="node1")
+    replicator.attach(stream)
+    try:
+        yield pair
+    finally:
+        pair.gate.set()
+        replicator.step_down("test over")
+        thread.join(10)
+        server.close()
+        applier.close()
+        os.close(root_fd)
+        journal.close()
+
+
+@pytest.fixture
+def sync_pair(tmp_path: Path) -> Iterator[Pair]:
+    yield from start_pair(tmp_path, "sync")
+
+
+@pytest.fixture
+def flush_pair(tmp_path: Path) -> Iterator[Pair]:
+    yield from start_pair(tmp_path, "flush")
+
+
+def write(pair: Pair, op: Any, point: WaitPoint = WaitPoint.WRITE) -> threading.Thread:
+    """Enqueue and wait as the file system does, in a thread (the wait may block)."""
+
+    def run() -> None:
+        with pair.replicator.ordered():
+            ticket = pair.replicator.enqueue(op)
+        try:
+            pair.replicator.wait(ticket, point)
+        except OSError as exc:
+            pair.events.append({"event": "app_error", "errno": exc.errno})
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_sync_mode_returns_only_once_the_secondary_applied_the_write(sync_pair: Pair) -> None:
+    write(sync_pair, Create(0, "f", 0o644, 0, 0)).join(10)
+    sync_pair.gate.clear()  # the secondary stalls before applying
+    waiting = write(sync_pair, Write(0, "f", 0, b"hello"))
+    waiting.join(0.5)
+    assert waiting.is_alive(), "a sync write must wait for the secondary"
+    sync_pair.gate.set()
+    waiting.join(10)
+    assert not waiting.is_alive()
+    assert (sync_pair.target / "f").read_bytes() == b"hello"
+
+
+def test_flush_mode_streams_writes_and_waits_at_durability_points(flush_pair: Pair) -> None:
+    write(flush_pair, Create(0, "f", 0o644, 0, 0)).join(10)
+    flush_pair.gate.clear()
+    streamed = write(flush_pair, Write(0, "f", 0, b"abc"))
+    streamed.join(5)
+    assert not streamed.is_alive(), "a flush-mode write streams without waiting"
+    durable = write(flush_pair, Fsync(0, "f"), WaitPoint.DURABLE)
+    durable.join(0.5)
+    assert durable.is_alive(), "fsync waits for the secondary"
+    flush_pair.gate.set()
+    durable.join(10)
+    assert (flush_pair.target / "f").read_bytes() == b"abc"
+
+
+def test_held_writes_complete_once_the_primary_goes_alone_and_are_journalled(
+    sync_pair: Pair,
+) -> None:
+    write(sync_pair, Create(0, "f", 0o644, 0, 0)).join(10)
+    sync_pair.gate.clear()
+    held = write(sync_pair, Write(0, "f", 0, b"x" * 4096))
+    held.join(0.5)
+    assert held.is_alive()
+    sync_pair.replicator.go_alone("peer lost")
+    held.join(10)
+    assert not held.is_alive() and not [e for e in sync_pair.events if e["event"] == "app_error"]
+    assert sync_pair.replicator.state is LinkState.ALONE
+    plan = sync_pair.replicator.journal.plan()
+    assert list(plan.ranges[(0, "f")]) == [(0, 4096)], "the held write is in the journal"
+
+
+def test_held_writes_fail_with_eio_when_the_primary_steps_down(sync_pair: Pair) -> None:
+    write(sync_pair, Create(0, "f", 0o644, 0, 0)).join(10)
+    sync_pair.gate.clear()
+    held = write(sync_pair, Write(0, "f", 0, b"never acknowledged"))
+    held.join(0.5)
+    sync_pair.replicator.step_down("no witness lease")
+    held.join(10)
+    assert {"event": "app_error", "errno": errno.EIO} in sync_pair.events
+
+
+def test_an_overdue_ack_holds_writes_and_tells_the_agent(tmp_path: Path) -> None:
+    for pair in start_pair(tmp_path, "sync", ack_timeout=0.5):
+        write(pair, Create(0, "f", 0o644, 0, 0)).join(10)
+        pair.gate.clear()
+        held = write(pair, Write(0, "f", 0, b"late"))
+        held.join(3)
+        assert held.is_alive(), "held until the agent decides"
+        assert any(
+            e["event"] == "link_lost" and "acknowledgement" in e["reason"] for e in pair.events
+        )
+        assert pair.replicator.state is LinkState.HELD
+        pair.replicator.go_alone("ack timeout")
+        held.join(10)
+        assert not held.is_alive()
