@@ -364,6 +364,7 @@ class Agent:
             reachable=self.witness_reachable is not False,
             lease_valid=now < lease.valid_until,
             holder=lease.holder,
+            refusal=lease.refusal,
         )
         preferred = m.cfg.preferred_node(self.cfg) == self.node.name
         return ModuleView(
@@ -415,7 +416,9 @@ class Agent:
             if decision.probe_vip:
                 m.probe(now)
             if decision.lease is not LeaseAction.NONE:
-                lease_items.append(LeaseItem(m.cfg.name, cast(Action, decision.lease.value)))
+                lease_items.append(
+                    LeaseItem(m.cfg.name, cast(Action, decision.lease.value), self.generation(m))
+                )
             m.run_checkers(now, decision.serves)
             self.steer_replication(m, decision, now)
         if self.witness is not None and (lease_items or now - self.witness_asked > 1.0):
@@ -435,6 +438,12 @@ class Agent:
                 )
 
     # -- replication -------------------------------------------------------------------------
+
+    def generation(self, m: ModuleRuntime) -> int:
+        """The data generation a lease request carries (0: none, or `prim --force` pending)."""
+        if m.replication is None or "force_primary" in m.pending:
+            return 0
+        return m.replication.generations.current
 
     def peer_replication(self, name: str) -> Any:
         raw = self.peer_payload.get("modules", {}).get(name)
@@ -702,6 +711,10 @@ class Agent:
                 m.lease.holder = None
                 self.wake.set()
             elif verdict.granted:
+                m.lease.refusal = None
+                if m.replication is not None:
+                    m.replication.witness_generation = verdict.generation
+                    self.wake.set()  # writes held for this confirmation may go on now
                 # Our lease ends `duration` after we sent the request; the witness counts
                 # from when it received it, later. One interval of margin on top.
                 if m.lease.valid_until <= time.monotonic():
@@ -711,6 +724,8 @@ class Agent:
             else:
                 m.lease.valid_until = 0.0
                 m.lease.holder = verdict.holder
+                outdated = verdict.generation not in (0, self.generation(m))
+                m.lease.refusal = verdict.reason if verdict.holder is None and outdated else None
                 if item.action == "acquire":
                     # Ask again the moment the holder's lease runs out at the witness.
                     self.retry_witness_at = time.monotonic() + verdict.expires_in + 0.005

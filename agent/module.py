@@ -64,6 +64,7 @@ class Lease:
     valid_until: float = 0.0
     reachable: bool = False
     holder: str | None = None
+    refusal: str | None = None  # the witness refused for this node's data (outdated)
 
 
 @dataclass

@@ -74,6 +74,11 @@ class ReplicationRuntime:
     _promoted: asyncio.Future[dict[str, Any]] | None = None
     stepped_down: bool = False
     failed_connects: int = 0
+    has_witness: bool = False
+    witness_generation: int = 0  # what the witness last confirmed for this module
+    journalling: bool = False  # the mirror was told to journal (no peer attached)
+    suspecting: bool = False  # heartbeats lost: the stream must prove itself quickly
+    suspect_after: float = 0.5
     _quarantine_size: int = 0
     _quarantine_measured: float = -1e9
     connecting: bool = False
@@ -90,6 +95,8 @@ class ReplicationRuntime:
         self.pristine = self.store.get(self._key("pristine")) == "1"
         self.primary_since = float(self.store.get(self._key("primary_since")) or 0.0)
         self.peer_name = self.cluster.peer_of(self.node).name
+        self.has_witness = self.cluster.witness is not None
+        self.suspect_after = max(0.3, 2 * self.cluster.timing.heartbeat_interval)
         raw_keep = self.store.get(self._key("resolve"))
         if raw_keep:
             node, at = json.loads(raw_keep)
@@ -222,7 +229,7 @@ class ReplicationRuntime:
             self.store.put(self._key("mounted"), "0")
             raise
         self.handle, self.role = handle, "primary"
-        self.connected = False
+        self.connected = self.journalling = self.suspecting = False
         self.event("mirror", "replicated directories mounted through the mirror")
 
     async def _promote(self, handle: MirrorHandle) -> bool:
@@ -239,7 +246,7 @@ class ReplicationRuntime:
             self.event("mirror", f"in-place promotion failed: {outcome.get('reason')}; restarting")
             return False
         self.role = handle.role = "primary"
-        self.connected = False
+        self.connected = self.journalling = self.suspecting = False
         return True
 
     async def become_secondary(self) -> None:
@@ -277,6 +284,7 @@ class ReplicationRuntime:
             return
         if kind == "connected":
             self.connected, self.connecting, self.resyncing = True, False, True
+            self.journalling = False
             self.event(
                 "replication", f"mirroring to {message.get('peer')}: {message.get('resync')} resync"
             )
@@ -354,16 +362,26 @@ class ReplicationRuntime:
             return
         self.stepped_down = False
         peer = self.peer_generations(peer_raw) if isinstance(peer_raw, dict) else None
-        if self.link_lost is not None or (
-            state is State.ALONE and (self.connected or self.connecting)
-        ):
-            reason = self.link_lost or "peer lost"
-            self.link_lost = None
+        if self.link_lost is not None:
+            reason, self.link_lost = self.link_lost, None
             self._save(self.generations.serving_alone(_new_id()), f"serving alone: {reason}")
-            self.handle.send({"cmd": "alone", "reason": reason})
-            self.connected = False
-            self.connecting = False
-            return
+            self.connected = self.connecting = self.journalling = False
+        # Heartbeats lost but the stream alive (a heartbeat-only cut): mirroring goes on,
+        # so the peer stays in sync; a stream that stalls now is given up quickly.
+        suspect = state is State.ALONE and self.connected
+        if suspect != self.suspecting:
+            self.suspecting = suspect
+            self.handle.send(
+                {"cmd": "suspect" if suspect else "trust", "within": self.suspect_after}
+            )
+        if (
+            not (self.connected or self.connecting or self.journalling)
+            and self.generation_confirmed()
+        ):
+            # Writes were held until now: the witness records this generation first, so a
+            # peer that never gets them can never be let in as primary on older data.
+            self.journalling = True
+            self.handle.send({"cmd": "alone", "reason": "journalling until the peer is back"})
         if state is not State.PRIM or self.connected or self.connecting or peer is None:
             return
         if not peer_raw.get("rx") or now < self.connect_at:
@@ -510,6 +528,10 @@ class ReplicationRuntime:
             f"split brain: keeping {keep}'s data; the other side's differing files go to "
             "quarantine",
         )
+
+    def generation_confirmed(self) -> bool:
+        """The witness (if any) has recorded this node's current data generation."""
+        return not self.has_witness or self.witness_generation == self.generations.current
 
     def hand_stream(self, hello_raw: bytes, fd: int) -> str | None:
         """A checked incoming stream for this module: give it to the receiver (None) or refuse."""

@@ -45,6 +45,7 @@ _DROP_LOG_EVERY = 10.0  # seconds between two warnings about the same kind of dr
 
 log = logging.getLogger("agent.witness")
 Snapshot = dict[tuple[str, str], tuple[str, float]]
+Generations = dict[tuple[str, str], tuple[str, int]]
 
 
 class UsageError(Exception):
@@ -73,6 +74,7 @@ class StateStore:
 
     def __init__(self, directory: Path) -> None:
         self.path = directory / STATE_FILE
+        self.generations: Generations = {}  # filled by load()
 
     def load(self) -> Snapshot | None:
         """The persisted leases, or None if there is no state file yet."""
@@ -93,6 +95,13 @@ class StateStore:
                 if not isinstance(entry["holder"], str) or not duration > 0:
                     raise ValueError(f"bad lease entry {entry!r}")
                 leases[(cluster, str(entry["module"]))] = (entry["holder"], duration)
+            self.generations = {}
+            for entry in data.get("generations", []):
+                cluster = f"{entry['key_id']}/{entry['cluster']}"
+                generation = int(entry["generation"])
+                if not isinstance(entry["node"], str) or generation < 0:
+                    raise ValueError(f"bad generation entry {entry!r}")
+                self.generations[(cluster, str(entry["module"]))] = (entry["node"], generation)
         except (ValueError, KeyError, TypeError) as exc:
             raise UsageError(
                 f"{self.path}: corrupt lease records ({exc}); it holds which node is primary: "
@@ -100,7 +109,7 @@ class StateStore:
             ) from None
         return leases
 
-    def save(self, leases: Snapshot) -> None:
+    def save(self, leases: Snapshot, generations: Generations | None = None) -> None:
         """Replace the state file with `leases` durably; raises OSError on failure."""
         entries: list[dict[str, Any]] = []
         for (cluster, module), (holder, duration) in sorted(leases.items()):
@@ -114,7 +123,15 @@ class StateStore:
                     "duration": duration,
                 }
             )
-        text = json.dumps({"format": STATE_FORMAT, "leases": entries}, indent=1) + "\n"
+        recorded: list[dict[str, Any]] = []
+        for (cluster, module), (node, generation) in sorted((generations or {}).items()):
+            kid, _, name = cluster.partition("/")
+            recorded.append(
+                {"key_id": kid, "cluster": name, "module": module, "node": node,
+                 "generation": generation}
+            )  # fmt: skip
+        document = {"format": STATE_FORMAT, "leases": entries, "generations": recorded}
+        text = json.dumps(document, indent=1) + "\n"
         tmp = self.path.with_name(self.path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -150,7 +167,9 @@ class Witness:
         self.arbiter = Arbiter(started=now if restored is None else None)
         for key, (holder, duration) in (restored or {}).items():
             self.arbiter.restore({key: holder}, now, duration)
+        self.arbiter.restore_generations(store.generations)
         self._persisted: Snapshot = dict(restored or {})
+        self._persisted_generations: Generations = dict(store.generations)
         if restored is None:
             # From now on a restart finds a record and need not wait a lease period.
             self._save_or_exit({})
@@ -159,7 +178,7 @@ class Witness:
 
     def _save_or_exit(self, leases: Snapshot) -> None:
         try:
-            self.store.save(leases)
+            self.store.save(leases, self.arbiter.generations())
         except OSError as exc:
             raise UsageError(f"{self.store.path}: cannot write ({exc.strerror})") from None
 
@@ -203,10 +222,13 @@ class Witness:
 
     def _persist(self) -> bool:
         current = self._snapshot()
-        if current == self._persisted:
+        generations = self.arbiter.generations()
+        if current == self._persisted and generations == self._persisted_generations:
             return True
         try:
-            self.store.save(current)
+            # A generation is on disk before the reply that confirms it: the holder releases
+            # writes made alone only once the witness can never forget they exist.
+            self.store.save(current, generations)
         except OSError as exc:
             # No reply without the record: a grant the witness could forget is never given.
             log_event(
@@ -232,6 +254,7 @@ class Witness:
                     holder=after,
                 )
         self._persisted = current
+        self._persisted_generations = generations
         return True
 
     def _dropped(self, kind: str, reason: str) -> None:

@@ -67,10 +67,15 @@ class Heartbeat:
 
 @dataclass(frozen=True)
 class LeaseItem:
-    """One module's lease operation in a request to the witness."""
+    """One module's lease operation in a request to the witness.
+
+    `generation`: the requester's current data generation (0: none, or `prim --force`);
+    the witness remembers the holder's, so a node whose data is behind is not let in.
+    """
 
     module: str
     action: Action
+    generation: int = 0
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,7 @@ class Verdict:
     holder: str | None
     expires_in: float
     reason: str
+    generation: int = 0  # the data generation the witness last recorded for the module
 
 
 @dataclass(frozen=True)
@@ -139,7 +145,7 @@ def _body(msg: Frame) -> tuple[Kind, dict[str, Any]]:
             "i": msg.incarnation,
             "s": msg.seq,
             "d": msg.duration,
-            "m": [[item.module, item.action] for item in msg.items],
+            "m": [[item.module, item.action, item.generation] for item in msg.items],
         }
     return Kind.LEASE_REPLY, {
         "c": msg.cluster,
@@ -147,7 +153,8 @@ def _body(msg: Frame) -> tuple[Kind, dict[str, Any]]:
         "i": msg.incarnation,
         "s": msg.seq,
         "v": [
-            [v.module, v.granted, v.holder, round(v.expires_in, 3), v.reason] for v in msg.verdicts
+            [v.module, v.granted, v.holder, round(v.expires_in, 3), v.reason, v.generation]
+            for v in msg.verdicts
         ],
     }
 
@@ -271,10 +278,14 @@ def _lease_request(body: dict[str, Any]) -> LeaseRequest:
         _bad(f"duration {duration} s is outside (0, {_MAX_DURATION:g}]")
     items = []
     for entry in _list(body["m"], "items"):
-        module, action = _list(entry, "item")
+        fields = _list(entry, "item")
+        if len(fields) not in (2, 3):
+            _bad("a lease item is [module, action, generation]")
+        module, action = fields[0], fields[1]
         if not isinstance(action, str) or action not in _ACTIONS:
             _bad(f"unknown lease action {action!r}")
-        items.append(LeaseItem(_name(module, "module"), _ACTIONS[action]))
+        generation = _count(fields[2], "generation") if len(fields) == 3 else 0
+        items.append(LeaseItem(_name(module, "module"), _ACTIONS[action], generation))
     return LeaseRequest(
         cluster=_name(body["c"], "cluster"),
         node=_name(body["n"], "node"),
@@ -288,7 +299,11 @@ def _lease_request(body: dict[str, Any]) -> LeaseRequest:
 def _lease_reply(body: dict[str, Any]) -> LeaseReply:
     verdicts = []
     for entry in _list(body["v"], "verdicts"):
-        module, granted, holder, expires_in, reason = _list(entry, "verdict")
+        fields = _list(entry, "verdict")
+        if len(fields) not in (5, 6):
+            _bad("a verdict is [module, granted, holder, expires_in, reason, generation]")
+        module, granted, holder, expires_in, reason = fields[:5]
+        generation = _count(fields[5], "generation") if len(fields) == 6 else 0
         if not isinstance(granted, bool):
             _bad("granted must be a boolean")
         if holder is not None:
@@ -302,6 +317,7 @@ def _lease_reply(body: dict[str, Any]) -> LeaseReply:
                 holder,
                 _seconds(expires_in, "expires_in"),
                 reason,
+                generation,
             )
         )
     return LeaseReply(

@@ -62,6 +62,7 @@ class WitnessView:
     reachable: bool = False
     lease_valid: bool = False  # granted and still valid with a safety margin
     holder: str | None = None  # who holds it, when our last request was denied
+    refusal: str | None = None  # the witness's reason when it refused for our data (outdated)
 
 
 @dataclass(frozen=True)
@@ -525,6 +526,14 @@ def _promote(view: ModuleView, why: str) -> Decision:
                 waiting,
                 view.data,
                 f"{why}; witness: lease held by {view.witness.holder}",
+                lease=LeaseAction.ACQUIRE,
+            )
+        if view.witness.refusal is not None:
+            # The witness knows the peer served data this node never got: it is outdated.
+            return Decision(
+                State.WAIT,
+                DataState.OUTDATED,
+                f"{why}; witness: {view.witness.refusal}",
                 lease=LeaseAction.ACQUIRE,
             )
         return Decision(waiting, view.data, f"{why}; asking the witness", lease=LeaseAction.ACQUIRE)

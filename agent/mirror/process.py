@@ -186,11 +186,12 @@ class MirrorProcess:
             return
         resync = str(command.get("resync", "none"))
         journal = self.replicator.journal
-        if resync == "none" and not journal.state.empty:
+        if resync == "none" and (not journal.state.empty or self.replicator.holds_ops()):
             resync = "incremental"  # written here after the peer last had our data
         if resync == "incremental" and not journal.usable:
             resync = "full"
         with self.replicator.ordered():
+            self.replicator.absorb_held()
             plan = journal.plan()
             self.replicator.attach(stream)
             if resync == "incremental":
@@ -356,6 +357,9 @@ class MirrorProcess:
             elif name == "alone" and self.replicator is not None:
                 self.replicator.go_alone(str(command.get("reason", "peer lost")))
                 self.event({"event": "alone"})
+            elif name in ("suspect", "trust") and self.replicator is not None:
+                within = float(command.get("within", 0.5)) if name == "suspect" else None
+                self.replicator.suspect(within)
             elif name == "step_down" and self.replicator is not None:
                 self.replicator.step_down(str(command.get("reason", "stepping down")))
             elif name == "promote" and self.replicator is None:

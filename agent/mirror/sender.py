@@ -95,14 +95,17 @@ class MirrorReplicator:
         self._outbox: deque[Op | dict[str, Any]] = deque()
         self._base = 0  # the ticket the current session started after
         self.incoming: queue.Queue[tuple[mf.FrameKind, bytes]] = queue.Queue()
-        self._state = LinkState.ALONE
+        # Until the agent says where writes go (a stream, or the journal once the witness has
+        # recorded the new generation), they wait.
+        self._state = LinkState.HELD
         self._stream: Stream | None = None
         self._threads: list[threading.Thread] = []
         self._latencies = _Latencies()
         self._sent_payload = 0
         self._rate_mark = (time.monotonic(), 0)
         self._throughput = 0.0
-        self.reason = "no peer yet"
+        self.reason = "waiting for the agent: mirror to the peer or journal"
+        self._ack_deadline = ack_timeout
         # An incremental resync sends dirty ranges by name: a rename while it runs may move
         # a file it has not sent yet, so the resync then finishes with a pass by hashes.
         self.resync_active = False
@@ -197,10 +200,34 @@ class MirrorReplicator:
 
     def _check_overdue(self) -> None:
         # Called with _cond held: an ack overdue while the TCP link looks alive still ends the wait.
-        if self._state is LinkState.CONNECTED and self._oldest_age() > self.ack_timeout:
-            self._lost_locked(f"no acknowledgement from the peer for {self.ack_timeout:g} s")
+        if self._state is LinkState.CONNECTED and self._oldest_age() > self._ack_deadline:
+            self._lost_locked(f"no acknowledgement from the peer for {self._ack_deadline:g} s")
 
     # --- driven by the mirror process -----------------------------------------------------------
+
+    def suspect(self, within: float | None) -> None:
+        """Heartbeats are lost: an ack overdue by `within` seconds now ends the wait (None: back
+        to ack_timeout)."""
+        with self._cond:
+            self._ack_deadline = (
+                self.ack_timeout if within is None else min(within, self.ack_timeout)
+            )
+            self._cond.notify_all()
+
+    def holds_ops(self) -> bool:
+        with self._cond:
+            return bool(self._unacked) and self._state is LinkState.HELD
+
+    def absorb_held(self) -> None:
+        """Journal the ops held while no stream was attached (call under ordered())."""
+        with self._cond:
+            held = [op for op, _ in self._unacked.values()]
+            if held:
+                self.journal.record(held)
+            self._unacked.clear()
+            self._pending_bytes = 0
+            self._acked = self._seq
+            self._cond.notify_all()
 
     def attach(self, stream: Stream) -> None:
         """Start streaming: everything enqueued from now on goes to the peer."""

@@ -8,6 +8,7 @@ the old primary returns and resyncs, a swap back proves its copy is a working da
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -86,6 +87,28 @@ def node_logs(cluster: Cluster) -> str:
         f"--- {node} postgresql ---\n{server_log(cluster.lab, node)}\n"
         for node in ("node1", "node2")
     )
+
+
+def serving_node(cluster: Cluster) -> str | None:
+    """The node whose namespace runs the PostgreSQL that answers on the VIP."""
+    pid = query(cluster, "SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'")
+    try:
+        server = os.stat(f"/proc/{int(pid)}/ns/net")
+    except (OSError, ValueError):
+        return None
+    for node in ("node1", "node2"):
+        ns = os.stat(f"/run/netns/{cluster.lab.ns[node]}")
+        if (ns.st_dev, ns.st_ino) == (server.st_dev, server.st_ino):
+            return node
+    return None
+
+
+def last_shutdown(lab: Lab, node: str) -> str:
+    """PostgreSQL's log on `node` from its last fast shutdown request on (empty if none)."""
+    path = lab.node_dir(node) / "srv" / "pgrun" / "postgresql.log"
+    text = path.read_text(errors="replace") if path.exists() else ""
+    at = text.rfind("received fast shutdown request")
+    return text[at:] if at >= 0 else ""
 
 
 def in_sync(cluster: Cluster, node: str) -> bool:
@@ -262,7 +285,14 @@ def test_pgbench_commits_survive_the_primary_losing_power(lab: Lab, cluster: Clu
     assert swap.returncode == 0, f"swap: {swap.stdout}{swap.stderr}\n{node_logs(cluster)}"
     cluster.wait_state("node1", "PRIM", MODULE, timeout=60)
     wait_answers(cluster, 60)
+    # node2's server stopped cleanly: its shutdown checkpoint went through the mirror.
+    stopped = last_shutdown(lab, "node2")
+    assert "database system is shut down" in stopped and "PANIC" not in stopped, (
+        f"PostgreSQL's shutdown on node2 during the swap failed:\n{stopped}\n{node_logs(cluster)}"
+    )
+    assert serving_node(cluster) == "node1", f"after the swap:\n{node_logs(cluster)}"
     assert query(cluster, "SELECT count(*), sum(id) FROM ledger") == before_swap
+    assert cluster.state("node1", MODULE) == "PRIM", node_logs(cluster)
 
     print(
         f"\npostgresql: {n_logged} transactions logged committed by pgbench, {n_found} rows "

@@ -63,12 +63,12 @@ as_pg() {
 # and the pid may have been reused since.
 server_pid() {
     [ -r "$PGDATA/postmaster.pid" ] || return 1
-    pid="$(head -n 1 "$PGDATA/postmaster.pid" 2>/dev/null || true)"
-    case "$pid" in '' | *[!0-9]*) return 1 ;; esac
-    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = postgres ] || return 1
-    [ "$(readlink "/proc/$pid/ns/net" 2>/dev/null)" = "$(readlink /proc/self/ns/net)" ] || return 1
-    [ "$(readlink "/proc/$pid/cwd" 2>/dev/null)" = "$(cd "$PGDATA" && pwd -P)" ] || return 1
-    echo "$pid"
+    found="$(head -n 1 "$PGDATA/postmaster.pid" 2>/dev/null || true)"
+    case "$found" in '' | *[!0-9]*) return 1 ;; esac
+    [ "$(cat "/proc/$found/comm" 2>/dev/null)" = postgres ] || return 1
+    [ "$(readlink "/proc/$found/ns/net" 2>/dev/null)" = "$(readlink /proc/self/ns/net)" ] || return 1
+    [ "$(readlink "/proc/$found/cwd" 2>/dev/null)" = "$(cd "$PGDATA" && pwd -P)" ] || return 1
+    echo "$found"
 }
 
 mkdir -p "$PG_RUN_DIR"

@@ -23,12 +23,12 @@ cd /
 # As in start.sh: only a postgres process of this network namespace working in PGDATA.
 server_pid() {
     [ -r "$PGDATA/postmaster.pid" ] || return 1
-    pid="$(head -n 1 "$PGDATA/postmaster.pid" 2>/dev/null || true)"
-    case "$pid" in '' | *[!0-9]*) return 1 ;; esac
-    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = postgres ] || return 1
-    [ "$(readlink "/proc/$pid/ns/net" 2>/dev/null)" = "$(readlink /proc/self/ns/net)" ] || return 1
-    [ "$(readlink "/proc/$pid/cwd" 2>/dev/null)" = "$(cd "$PGDATA" && pwd -P)" ] || return 1
-    echo "$pid"
+    found="$(head -n 1 "$PGDATA/postmaster.pid" 2>/dev/null || true)"
+    case "$found" in '' | *[!0-9]*) return 1 ;; esac
+    [ "$(cat "/proc/$found/comm" 2>/dev/null)" = postgres ] || return 1
+    [ "$(readlink "/proc/$found/ns/net" 2>/dev/null)" = "$(readlink /proc/self/ns/net)" ] || return 1
+    [ "$(readlink "/proc/$found/cwd" 2>/dev/null)" = "$(cd "$PGDATA" && pwd -P)" ] || return 1
+    echo "$found"
 }
 
 if ! pid="$(server_pid)"; then

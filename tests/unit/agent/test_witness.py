@@ -480,3 +480,33 @@ def test_the_client_ignores_forged_and_stale_replies(key_file: Path) -> None:
         run(scenario)
     finally:
         fake.close()
+
+
+def test_a_restarted_witness_still_knows_whose_data_is_newest(
+    witness: WitnessProcess, key_file: Path
+) -> None:
+    key = load_key(key_file)
+
+    async def scenario() -> None:
+        witness.start()
+        port = await witness.ready()
+        node1 = await client(port, key, "node1")
+        node2 = await client(port, key, "node2")
+        try:
+            await acquire_when_free(node1, 0.3)
+            verdicts = await node1.request([LeaseItem("web", "renew", 0xA1)], 0.3, timeout=2.0)
+            assert verdicts is not None and verdicts["web"].generation == 0xA1
+            assert witness.terminate() == 0
+            witness.start(port)
+            await witness.ready()
+            await asyncio.sleep(0.5)  # node1's lease has expired meanwhile
+            behind = await node2.request([LeaseItem("web", "acquire", 0xB0)], 0.3, timeout=2.0)
+            assert behind is not None
+            assert not behind["web"].granted and "data outdated" in behind["web"].reason
+            caught_up = await node2.request([LeaseItem("web", "acquire", 0xA1)], 0.3, timeout=2.0)
+            assert caught_up is not None and caught_up["web"].granted
+        finally:
+            node1.close()
+            node2.close()
+
+    run(scenario)

@@ -116,6 +116,8 @@ class LeaseReply:
     action: LeaseAction
     granted: bool
     holder: str | None
+    generation: int = 0
+    reason: str = ""
 
 
 @dataclass
@@ -158,6 +160,12 @@ class SimNode:
     kill_on_stop: bool = False
     in_sync: bool = False
     resync_progress: int = 0
+    # data generations, as the daemon keeps them: a node that writes without its peer first
+    # opens a new generation, and holds those writes until the witness has recorded it
+    generation: int = 1
+    shared: bool = True  # the generation is the one the peer had when they last synced
+    witness_generation: int = 0
+    lease_refusal: str | None = None
     # the world
     vip: bool = False
     app: str = "down"  # down | starting | up | stopping
@@ -186,6 +194,7 @@ class Sim:
         self.flowing_ticks = 0
         self.simultaneous = False
         self.next_write = 0
+        self.next_generation = 1
         self.must_keep: set[int] = set()
         self.unknowable_losses: list[tuple[float, str, int]] = []
         self.trace: list[str] = []
@@ -226,6 +235,7 @@ class Sim:
                 reachable=n.witness_reachable,
                 lease_valid=self.now < n.lease_valid_until,
                 holder=n.lease_holder,
+                refusal=n.lease_refusal,
             ),
             vip_in_use=n.vip_in_use if fresh_probe else None,
             checkers_ok=not n.checker_failing,
@@ -445,8 +455,12 @@ class Sim:
             elif reply.granted:
                 n.lease_valid_until = reply.sent_at + PEER_TIMEOUT - TICK
                 n.lease_holder = None
+                n.lease_refusal = None
+                n.witness_generation = reply.generation
             elif reply.action is not LeaseAction.NONE:
                 n.lease_valid_until, n.lease_holder = 0.0, reply.holder
+                outdated = reply.generation not in (0, n.generation)
+                n.lease_refusal = reply.reason if reply.holder is None and outdated else None
         n.replies.clear()
 
     def _ask_witness(self, n: SimNode, action: LeaseAction) -> bool:
@@ -460,9 +474,19 @@ class Sim:
         if action is LeaseAction.NONE:
             n.replies.append(LeaseReply(self.now, action, False, None))
             return False
-        item = LeaseItem(MODULE, ACTIONS[action])
+        generation = 0 if "force_primary" in n.pending else n.generation
+        item = LeaseItem(MODULE, ACTIONS[action], generation)
         verdict = self.arbiter.decide(CLUSTER, n.name, item, PEER_TIMEOUT, self.now)
-        n.replies.append(LeaseReply(self.now, action, verdict.granted, verdict.holder))
+        n.replies.append(
+            LeaseReply(
+                self.now,
+                action,
+                verdict.granted,
+                verdict.holder,
+                verdict.generation,
+                verdict.reason,
+            )
+        )
         return (
             verdict.granted and action is LeaseAction.ACQUIRE and not self.now < n.lease_valid_until
         )
@@ -531,6 +555,12 @@ class Sim:
         if n.state is State.PRIM and not attached:
             return  # sync mode: the write waits for its secondary until it goes ALONE
         mirrored = n.state is State.PRIM and peer.in_sync
+        if not mirrored:
+            if n.shared:
+                self.next_generation += 1
+                n.generation, n.shared = self.next_generation, False
+            if self.config.witness and n.witness_generation != n.generation:
+                return  # held until the witness has recorded the new generation
         self.next_write += 1
         n.writes.add(self.next_write)
         self.must_keep.add(self.next_write)
@@ -547,6 +577,9 @@ class Sim:
             primary = self.nodes[n.peer_name]
             if n.writes == primary.writes:
                 n.in_sync, n.resync_progress = True, 0
+                if primary.state.is_serving and n.generation != primary.generation:
+                    n.generation = primary.generation
+                    n.shared = primary.shared = True
                 continue
             n.in_sync = False
             if n.state is not State.SECOND or not primary.state.is_serving:
@@ -558,6 +591,8 @@ class Sim:
                 self.must_keep -= quarantined
                 n.writes = set(primary.writes)
                 n.in_sync, n.resync_progress = True, 0
+                n.generation = primary.generation
+                n.shared = primary.shared = True
                 self._log(f"{n.name} resynced from {primary.name}; {len(quarantined)} quarantined")
 
     # -- invariants ------------------------------------------------------------------------

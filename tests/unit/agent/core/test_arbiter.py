@@ -192,3 +192,50 @@ def test_an_amnesic_arbiter_grants_newcomers_only_after_a_lease_period(
             # Before a lease period has passed only a renewal (by the holder the witness
             # forgot) may create a lease from nothing.
             assert verdict.reason != f"lease granted for {duration:g} s"
+
+
+# -- data generations (outdate-peer kept by the witness) ---------------------------------------
+
+G0, G1, G2 = 0x1111, 0x2222, 0x3333
+
+
+def ask_with(arbiter: Arbiter, node: str, action: Action, generation: int, now: float) -> Verdict:
+    return arbiter.decide("c", node, LeaseItem("web", action, generation), 1.5, now)
+
+
+def test_a_node_whose_data_is_behind_the_last_holders_is_not_let_in() -> None:
+    arbiter = Arbiter()
+    assert ask_with(arbiter, "node1", "acquire", G0, 0.0).granted
+    # node1 lost its peer and serves alone: a new generation, reported with its renewals
+    renewed = ask_with(arbiter, "node1", "renew", G1, 1.0)
+    assert renewed.granted and renewed.generation == G1
+    # node1 dies; its lease expires; node2 still holds G0
+    refused = ask_with(arbiter, "node2", "acquire", G0, 10.0)
+    assert not refused.granted and refused.holder is None
+    assert "data outdated here" in refused.reason and f"{G1:016x}" in refused.reason
+    assert refused.generation == G1
+
+
+def test_a_node_in_sync_with_the_last_holder_takes_over_and_reports_its_own_generation() -> None:
+    arbiter = Arbiter()
+    ask_with(arbiter, "node1", "acquire", G1, 0.0)
+    granted = ask_with(arbiter, "node2", "acquire", G1, 10.0)
+    assert granted.granted
+    assert ask_with(arbiter, "node2", "renew", G2, 10.5).generation == G2
+    # node1 returns without having resynced: behind node2 now
+    assert not ask_with(arbiter, "node1", "acquire", G1, 30.0).granted
+
+
+def test_the_generation_outlives_a_release_and_a_forced_request_skips_the_check() -> None:
+    arbiter = Arbiter()
+    ask_with(arbiter, "node1", "acquire", G1, 0.0)
+    ask_with(arbiter, "node1", "release", G1, 1.0)
+    assert not ask_with(arbiter, "node2", "acquire", G0, 2.0).granted
+    assert ask_with(arbiter, "node2", "acquire", 0, 2.0).granted  # `prim --force`: no generation
+
+
+def test_the_last_holder_itself_and_first_starts_are_never_refused_for_data() -> None:
+    arbiter = Arbiter()
+    assert ask_with(arbiter, "node1", "acquire", 0, 0.0).granted  # no data history yet
+    ask_with(arbiter, "node1", "renew", G1, 0.5)
+    assert ask_with(arbiter, "node1", "acquire", G0, 10.0).granted  # its own data, whatever it is
