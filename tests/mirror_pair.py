@@ -529,18 +529,28 @@ class MirrorPair:
                     _stop(proxy)
         return float(statistics.median(times))
 
-    def tcp_rate(self, nbytes: int) -> float:
-        """Bytes/s of one plain TCP transfer primary → secondary (the link's raw rate)."""
+    def tcp_rate(self, nbytes: int, reply_every: int | None = None) -> float:
+        """Bytes/s of one plain TCP transfer primary → secondary (the link's raw rate).
+
+        With `reply_every`, the sender waits for a 1-byte reply after each `reply_every`
+        bytes (stop-and-wait, as a single writer in sync mode does with its acks).
+        """
+        chunk = reply_every or (1 << 20)
+        count = max(1, nbytes // chunk)
         received: list[float] = []
 
         def sink(conn: socket.socket) -> None:
-            buffer = bytearray(1 << 20)
-            got = 0
-            while got < nbytes:
-                n = conn.recv_into(buffer)
-                if not n:
-                    break
-                got += n
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            buffer = memoryview(bytearray(chunk))
+            for _ in range(count):
+                got = 0
+                while got < chunk:
+                    n = conn.recv_into(buffer[got:])
+                    if not n:
+                        return
+                    got += n
+                if reply_every:
+                    conn.sendall(b"k")
             received.append(time.perf_counter())
             conn.sendall(b"k")
 
@@ -548,18 +558,19 @@ class MirrorPair:
             _Server(netns_socket(self.ns_secondary), PROBE_PORT, sink),
             netns_socket(self.ns_primary) as sock,
         ):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
                 sock.setsockopt(socket.SOL_SOCKET, option, 4 << 20)
             sock.connect((SECONDARY_ADDRESS, PROBE_PORT))
-            chunk = memoryview(bytes(1 << 20))
+            data = bytes(chunk)
             start = time.perf_counter()
-            left = nbytes
-            while left > 0:
-                sock.sendall(chunk[: min(left, len(chunk))])
-                left -= len(chunk)
+            for _ in range(count):
+                sock.sendall(data)
+                if reply_every and not sock.recv(1):
+                    raise PairError("the TCP sink closed the connection")
             sock.recv(1)
             end = received[0] if received else time.perf_counter()
-        return nbytes / (end - start)
+        return count * chunk / (end - start)
 
     def stream_bytes(self) -> tuple[int, int]:
         """TCP payload bytes (sent, received) on the primary's replication connection(s) now."""
@@ -697,6 +708,42 @@ class FuseAlone:
             self.proc.wait(timeout=10)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class PeakRss:
+    """The largest resident set of a process while the block runs (sampled every 50 ms)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="peak rss", daemon=True)
+
+    def _sample(self) -> None:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    self.peak_bytes = max(self.peak_bytes, int(line.split()[1]) * 1024)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self._sample()
+
+    def __enter__(self) -> PeakRss:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sample()
 
 
 def run_in_mount_ns(

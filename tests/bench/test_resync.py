@@ -30,7 +30,15 @@ from tests.bench.conftest import (
     report,
     wait_until_alone,
 )
-from tests.mirror_pair import MirrorPair, PairError, bench_scale, dd_write, fill, scatter
+from tests.mirror_pair import (
+    MirrorPair,
+    PairError,
+    PeakRss,
+    bench_scale,
+    dd_write,
+    fill,
+    scatter,
+)
 
 pytestmark = pytest.mark.timeout(5400)
 
@@ -113,7 +121,7 @@ def test_resync_bytes(tmp_path: Path) -> None:
         sent, received = pair.stream_bytes()
         check_copy(pair, "big")
         rows.append(
-            ["full, nothing changed", f"{FILE_BYTES / MIB:.0f} MiB held", f"{sent / MIB:.2f} MiB",
+            ["full, nothing changed", f"{FILE_BYTES / MIB:.0f} MiB held", f"{sent / 1024:.1f} KiB",
              f"{sent / FILE_BYTES * 100:.3f}% of the data", f"{received / 1024:.0f} KiB",
              f"{seconds(done):.2f} s", f"≤ 1% of the data: {met(sent <= 0.01 * FILE_BYTES)}"]
         )  # fmt: skip
@@ -129,6 +137,8 @@ def test_resync_rate_shaped(tmp_path: Path) -> None:
     raw: list[float] = []
     rates: list[float] = []
     by_bytes: list[float] = []
+    peaks: list[int] = []
+    claimed: list[float] = []
     with MirrorPair(tmp_path / "pair", mode="sync", shaped="1gbit") as pair:
         pair.connect("none")
         big = pair.primary_mount / "big"
@@ -137,7 +147,13 @@ def test_resync_rate_shaped(tmp_path: Path) -> None:
             raw.append(pair.tcp_rate(RATE_MIB * MIB))
             pair.alone()
             fill(pair.primary_pid, big, RATE_MIB * MIB)  # every byte differs now
-            done = pair.connect("incremental")
+            mark = pair.primary.mark() if pair.primary is not None else 0
+            with PeakRss(pair.primary_pid) as rss:
+                done = pair.connect("incremental")
+            peaks.append(rss.peak_bytes)
+            # What status showed as the resync's rate while it ran (its `resync` figures).
+            shown = [f["resync"]["rate_bps"] for f in pair.figures(mark) if f.get("resync")]
+            claimed.append(max(shown, default=0.0))
             took = seconds(done)
             sent, _ = pair.stream_bytes()
             rates.append(float(done["done_bytes"]) / took)
@@ -153,5 +169,9 @@ def test_resync_rate_shaped(tmp_path: Path) -> None:
              ratio(rate, link), f"≥ 0.90× link: {met(rate >= 0.9 * link)}"],
             ["same, bytes on the wire / time", f"{median(by_bytes) / 1e6:.0f} MB/s",
              ratio(median(by_bytes), link), ""],
+            ["rate status showed during the resync (highest `resync.rate_bps`)",
+             f"{median(claimed) / 1e6:.0f} MB/s", ratio(median(claimed), link), ""],
+            ["peak resident memory of the primary's mirror process during the resync",
+             f"{median(peaks) / MIB:.0f} MiB", "", ""],
         ],
     )  # fmt: skip
