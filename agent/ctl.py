@@ -271,7 +271,12 @@ def run_command(args: argparse.Namespace, client: Client) -> int:
     if command == "maintenance":
         command = f"maintenance-{args.onoff}"
     if command == "second" and args.fullsync:
-        fail(REFUSED, "--fullsync needs replication, which this version does not have yet")
+        fail(
+            REFUSED,
+            "--fullsync: stop and start the module on the secondary (`tandemctl stop "
+            f"{args.module}`, then `tandemctl start {args.module}` there): a secondary that was "
+            "stopped is always compared with the primary block by block",
+        )
     body = {"command": command, "timeout": args.timeout, "wait": not args.no_wait}
     # A plain dict (API schema CommandResult): pydantic would cost this command its speed.
     result = client.call("POST", f"/api/v1/modules/{args.module}/commands", json_body=body)
