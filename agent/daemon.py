@@ -273,7 +273,13 @@ class Agent:
         self.store.add_event("agent", "agent stopping: releasing VIPs and applications")
         if self.peer_server is not None:
             self.peer_server.close()
-        await asyncio.gather(*(m.shutdown() for m in self.modules.values()))
+        keepalive = asyncio.create_task(self.keep_alive_while_stopping())
+        try:
+            await asyncio.gather(*(m.shutdown() for m in self.modules.values()))
+        finally:
+            keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keepalive
         for module in self.modules.values():
             if module.state is not State.STOP:
                 module.state = State.WAIT
@@ -293,6 +299,20 @@ class Agent:
             self.links.close()
         self.store.add_event("agent", "agent stopped")
         self.store.close()
+
+    async def keep_alive_while_stopping(self) -> None:
+        """While applications stop (their scripts may take a while) the loop no longer ticks:
+        keep feeding the guard, which would otherwise fence a clean stop as a stalled agent,
+        and keep the peer hearing us, so it waits for our `leaving` instead of timing out."""
+        while True:
+            if self.guard is not None and self.guard.alive():
+                self.guard.feed(
+                    [m.vip for m in self.modules.values() if m.vip is not None],
+                    [(self.node.name, name) for name in self.modules],
+                )
+            if self.links is not None:
+                self.links.send(self.payload())
+            await asyncio.sleep(self.interval)
 
     # -- peer --------------------------------------------------------------------------------
 

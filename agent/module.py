@@ -346,6 +346,8 @@ class ModuleRuntime:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
+        if self.replication is not None:
+            self.replication.shutting_down = True
         if self.app_started or self.vip_held:
             self.app_started = self.app_started or (self.service is not None)
             await self._bring_down()

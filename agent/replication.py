@@ -73,6 +73,7 @@ class ReplicationRuntime:
     _changes_cache: int | None = None
     _promoted: asyncio.Future[dict[str, Any]] | None = None
     stepped_down: bool = False
+    shutting_down: bool = False
     failed_connects: int = 0
     has_witness: bool = False
     witness_generation: int = 0  # what the witness last confirmed for this module
@@ -295,6 +296,8 @@ class ReplicationRuntime:
             self.link_lost = str(message.get("reason"))
             self.connected = False
             self.event("replication", f"replication link lost: {self.link_lost}")
+            if self.shutting_down:
+                self.step_down("the agent is stopping and the peer is gone")
         elif kind == "resync_done":
             self.resyncing = False
             self.resync = {}
@@ -354,11 +357,11 @@ class ReplicationRuntime:
         if not self.enabled or self.handle is None or self.role != "primary":
             return
         if not state.is_serving:
-            # Stepping down (no lease, a swap, a stop): writes still waiting for the peer are
-            # never acknowledged; they fail at once instead of hanging the application's stop.
-            if not self.stepped_down:
-                self.stepped_down = True
-                self.handle.send({"cmd": "step_down", "reason": f"this node is {state} now"})
+            # A planned handover keeps mirroring (or journalling) while the application shuts
+            # down cleanly. Only writes held with nowhere to go (no peer, no journal yet) fail:
+            # they are never acknowledged when this node may not serve.
+            if not (self.connected or self.journalling or self.stepped_down):
+                self.step_down(f"this node is {state} now")
             return
         self.stepped_down = False
         peer = self.peer_generations(peer_raw) if isinstance(peer_raw, dict) else None
@@ -527,6 +530,16 @@ class ReplicationRuntime:
             "resolve",
             f"split brain: keeping {keep}'s data; the other side's differing files go to "
             "quarantine",
+        )
+
+    def step_down(self, reason: str) -> None:
+        """Fail held writes with EIO; what they left here is found by hashes at the next sync."""
+        if self.handle is None or self.stepped_down:
+            return
+        self.stepped_down = True
+        self.handle.send({"cmd": "step_down", "reason": reason})
+        self._set_pristine(
+            False, "stepped down with writes never mirrored: the next resync compares by hashes"
         )
 
     def generation_confirmed(self) -> bool:

@@ -261,6 +261,8 @@ class MirrorPair:
     `delay_ms`: a delay proxy in the secondary's namespace adds this much each way (its
     measured round trip is `rtt()` with via_proxy=True). Use as a context manager or call
     `close()`; `connect()` starts the stream and returns the primary's `resync_done` event.
+    Until `connect()` (or `alone()`) the primary holds every write, as it does until its agent
+    decides where writes go.
     """
 
     def __init__(
@@ -657,6 +659,10 @@ class SoloMirror:
         )
         try:
             self.process.wait_event(["ready"])
+            # A primary holds writes until the agent says where they go; alone: the journal.
+            mark = self.process.mark()
+            self.process.send({"cmd": "alone", "reason": "no peer in this benchmark"})
+            self.process.wait_event(["alone"], mark)
         except BaseException:
             self.process.close()
             raise

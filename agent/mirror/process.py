@@ -229,6 +229,9 @@ class MirrorProcess:
             quarantine=quarantine_first,
         )
         try:
+            if kind != "none":
+                self.replicator.resync_active = True
+                self.replicator.enqueue_control({"type": "resync_begin"})
             if kind == "incremental":
                 job.incremental(ranges)
                 job.metadata_only(meta)
@@ -236,6 +239,8 @@ class MirrorProcess:
                     job.full()
             elif kind == "full":
                 job.full()
+            if kind != "none":
+                job.touched_pass(self.replicator.take_touched())
             ticket = self.replicator.enqueue_control({"type": "resync_done", **done})
             self.replicator.wait_acked(ticket)
         except link.LinkClosed as exc:

@@ -139,9 +139,18 @@ class SourceResync:
                 break
         self._finish()
 
-    def _full_pass(self, root: int, first: bool) -> None:
-        target = self._target_manifest(root)
-        source = list(scan(self.root_fds[root], self.excluded[root]))
+    def touched_pass(self, touched: set[tuple[int, str]]) -> None:
+        """Compare again what live operations touched while the resync ran: one that reached
+        the secondary before the resync had made its parent was skipped there."""
+        for root in range(len(self.root_fds)):
+            paths = sorted(p for r, p in touched if r == root)
+            if paths:
+                self._full_pass(root, first=False, paths=paths)
+        self._finish()
+
+    def _full_pass(self, root: int, first: bool, paths: list[str] | None = None) -> None:
+        target = target_manifest(self.replicator, root, paths)
+        source = list(scan(self.root_fds[root], self.excluded[root], paths=paths))
         steps = plan(source, target)
         if first:
             self.changed.extend((root, p) for p in steps.changed_paths)
@@ -172,9 +181,6 @@ class SourceResync:
             self._locked(root, path, partial(self._remove_xattr, name=name))
         for entry in steps.metadata:
             self._locked(root, entry.path, self._metadata)
-
-    def _target_manifest(self, root: int) -> list[Entry]:
-        return target_manifest(self.replicator, root)
 
     # --- incremental, from the journal -------------------------------------------------------
 

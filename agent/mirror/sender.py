@@ -23,7 +23,7 @@ from enum import StrEnum
 from typing import Any, Literal
 
 from agent.core import mirror_frames as mf
-from agent.core.mirror_ops import Op, Rename, payload_bytes
+from agent.core.mirror_ops import Op, Rename, paths_of, payload_bytes
 from agent.mirror.journal import Journal
 from agent.mirror.link import LinkClosed, Stream
 from agent.mirror.replicator import WaitPoint
@@ -110,6 +110,7 @@ class MirrorReplicator:
         # a file it has not sent yet, so the resync then finishes with a pass by hashes.
         self.resync_active = False
         self.renamed_during_resync = False
+        self.touched: set[tuple[int, str]] = set()  # paths live ops touched during a resync
         self._journal_ticket = 0
 
     # --- the Replicator protocol -------------------------------------------------------------
@@ -131,8 +132,14 @@ class MirrorReplicator:
                 return seq
             if self._state is LinkState.DOWN:
                 return seq
-            if self.resync_active and isinstance(op, Rename):
-                self.renamed_during_resync = True
+            if self.resync_active:
+                if isinstance(op, Rename):
+                    self.renamed_during_resync = True
+                for path in paths_of(op):
+                    self.touched.add((op.root, path))
+                    parent = path.rpartition("/")[0]
+                    if parent:
+                        self.touched.add((op.root, parent))
             self._unacked[seq] = (op, time.monotonic())
             self._pending_bytes += payload_bytes(op)
             if self._state is LinkState.CONNECTED:
@@ -213,6 +220,11 @@ class MirrorReplicator:
                 self.ack_timeout if within is None else min(within, self.ack_timeout)
             )
             self._cond.notify_all()
+
+    def take_touched(self) -> set[tuple[int, str]]:
+        with self._cond:
+            touched, self.touched = self.touched, set()
+            return touched
 
     def holds_ops(self) -> bool:
         with self._cond:

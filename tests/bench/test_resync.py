@@ -122,7 +122,7 @@ def test_resync_bytes(tmp_path: Path) -> None:
         check_copy(pair, "big")
         rows.append(
             ["full, nothing changed", f"{FILE_BYTES / MIB:.0f} MiB held", f"{sent / 1024:.1f} KiB",
-             f"{sent / FILE_BYTES * 100:.3f}% of the data", f"{received / 1024:.0f} KiB",
+             f"{sent / FILE_BYTES * 100:.4f}% of the data", f"{received / 1024:.0f} KiB",
              f"{seconds(done):.2f} s", f"≤ 1% of the data: {met(sent <= 0.01 * FILE_BYTES)}"]
         )  # fmt: skip
     report(

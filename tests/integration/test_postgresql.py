@@ -4,6 +4,7 @@ pgbench inserts one distinct row per transaction through the VIP and logs every 
 it saw committed; the primary then loses power mid-run. The node that takes over must run
 PostgreSQL's crash recovery on the mirrored files and hold every logged transaction; after
 the old primary returns and resyncs, a swap back proves its copy is a working database too.
+A planned swap must let PostgreSQL shut down cleanly, its last writes mirrored.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ LEDGER_SCRIPT = """\\set n :n + 1
 \\set id :client_id * 1000000000 + :n
 INSERT INTO ledger(id, client, n) VALUES (:id, :client_id, :n);
 """
+CREATE_LEDGER = (
+    "CREATE TABLE ledger(id bigint PRIMARY KEY, client int NOT NULL, n bigint NOT NULL,"
+    " at timestamptz NOT NULL DEFAULT now())"
+)
 CONNINFO = f"host={VIP} port={PG_PORT} user=postgres dbname=postgres connect_timeout=3"
 
 pytestmark = pytest.mark.skipif(
@@ -152,6 +157,25 @@ def rows(cluster: Cluster) -> dict[int, set[int]]:
     return found
 
 
+def wait_healthy_pair(cluster: Cluster) -> None:
+    """node1 serves PostgreSQL (initdb on the first start), node2 is an in-sync secondary."""
+    cluster.wait_state("node1", "PRIM", MODULE, timeout=150)
+    cluster.wait_state("node2", "SECOND", MODULE, timeout=60)
+    cluster.wait_until("node2 is an in-sync secondary", lambda: in_sync(cluster, "node2"), 120)
+    wait_answers(cluster, 60)
+
+
+def swap_to(cluster: Cluster, node: str) -> None:
+    """`tandemctl swap`, then wait until `node`'s PostgreSQL answers on the VIP."""
+    other = "node2" if node == "node1" else "node1"
+    swap = cluster.ctl(other, "--timeout", "150", "swap", MODULE, timeout=180)
+    assert swap.returncode == 0, f"swap: {swap.stdout}{swap.stderr}\n{node_logs(cluster)}"
+    cluster.wait_state(node, "PRIM", MODULE, timeout=60)
+    wait_answers(cluster, 60)
+    assert serving_node(cluster) == node, f"after the swap to {node}:\n{node_logs(cluster)}"
+    assert cluster.state(node, MODULE) == "PRIM", node_logs(cluster)
+
+
 @pytest.fixture
 def cluster(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
     # The agents pass their environment to the scripts: this is how the module is set up.
@@ -190,16 +214,9 @@ def stop_primary_first(cluster: Cluster) -> None:
 
 def test_pgbench_commits_survive_the_primary_losing_power(lab: Lab, cluster: Cluster) -> None:
     started = time.monotonic()
-    cluster.wait_state("node1", "PRIM", MODULE, timeout=150)
-    cluster.wait_state("node2", "SECOND", MODULE, timeout=60)
-    cluster.wait_until("node2 is an in-sync secondary", lambda: in_sync(cluster, "node2"), 120)
-    wait_answers(cluster, 60)
+    wait_healthy_pair(cluster)
     ready = time.monotonic()
-    query(
-        cluster,
-        "CREATE TABLE ledger(id bigint PRIMARY KEY, client int NOT NULL, n bigint NOT NULL,"
-        " at timestamptz NOT NULL DEFAULT now())",
-    )
+    query(cluster, CREATE_LEDGER)
 
     bench = lab.tmp_dir / "bench"
     bench.mkdir()
@@ -279,20 +296,11 @@ def test_pgbench_commits_survive_the_primary_losing_power(lab: Lab, cluster: Clu
     cluster.start_agent("node1")
     cluster.wait_until("node1 is an in-sync secondary", lambda: in_sync(cluster, "node1"), 120)
     resynced = time.monotonic()
+    # Back to node1: its resynced copy must be a working database holding the same rows.
     query(cluster, "INSERT INTO ledger(id, client, n) VALUES (-1, -1, 1)")
     before_swap = query(cluster, "SELECT count(*), sum(id) FROM ledger")
-    swap = cluster.ctl("node2", "--timeout", "150", "swap", MODULE, timeout=180)
-    assert swap.returncode == 0, f"swap: {swap.stdout}{swap.stderr}\n{node_logs(cluster)}"
-    cluster.wait_state("node1", "PRIM", MODULE, timeout=60)
-    wait_answers(cluster, 60)
-    # node2's server stopped cleanly: its shutdown checkpoint went through the mirror.
-    stopped = last_shutdown(lab, "node2")
-    assert "database system is shut down" in stopped and "PANIC" not in stopped, (
-        f"PostgreSQL's shutdown on node2 during the swap failed:\n{stopped}\n{node_logs(cluster)}"
-    )
-    assert serving_node(cluster) == "node1", f"after the swap:\n{node_logs(cluster)}"
+    swap_to(cluster, "node1")
     assert query(cluster, "SELECT count(*), sum(id) FROM ledger") == before_swap
-    assert cluster.state("node1", MODULE) == "PRIM", node_logs(cluster)
 
     print(
         f"\npostgresql: {n_logged} transactions logged committed by pgbench, {n_found} rows "
@@ -301,3 +309,18 @@ def test_pgbench_commits_survive_the_primary_losing_power(lab: Lab, cluster: Clu
         f"the power loss; node1 resynced {resynced - answering:.1f} s after; total "
         f"{time.monotonic() - started:.1f} s"
     )
+
+
+def test_a_swap_stops_postgresql_cleanly_through_the_mirror(lab: Lab, cluster: Cluster) -> None:
+    wait_healthy_pair(cluster)
+    query(cluster, CREATE_LEDGER)
+    query(cluster, "INSERT INTO ledger SELECT g, 0, g FROM generate_series(1, 10000) g")
+    swap_to(cluster, "node2")
+    # A planned handover: node1's server writes its shutdown checkpoint through the mirror
+    # while node2 still receives it, and node2 starts without crash recovery.
+    stopped = last_shutdown(lab, "node1")
+    assert "database system is shut down" in stopped and "PANIC" not in stopped, (
+        f"PostgreSQL's shutdown on node1 during the swap failed:\n{stopped}\n{node_logs(cluster)}"
+    )
+    assert query(cluster, "SELECT count(*), sum(id) FROM ledger") == "10000|50005000"
+    assert "not properly shut down" not in server_log(lab, "node2"), node_logs(cluster)

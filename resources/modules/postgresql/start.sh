@@ -96,9 +96,39 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
     mv "$fresh" "$PGDATA"
 fi
 
+# True if a process of this node works in PGDATA: a postmaster, or a backend that outlived
+# it (backends run in PGDATA too). Zombies have no working directory and do not count.
+busy_in_pgdata() {
+    real="$(cd "$PGDATA" && pwd -P)"
+    for cwd in $(find /proc/[0-9]*/cwd -maxdepth 0 -lname "$real" 2>/dev/null); do
+        [ "$(readlink "${cwd%/cwd}/ns/net" 2>/dev/null)" = "$(readlink /proc/self/ns/net)" ] \
+            && return 0
+    done
+    return 1
+}
+
 if pid="$(server_pid)"; then
     echo "postgresql already running (pid $pid)"
 else
+    # With no process of ours in PGDATA, a postmaster.pid is stale: a crash here, or the
+    # peer's, mirrored. PostgreSQL would take its pid for a live postmaster if that pid is
+    # in use here by chance (any process of PG_USER, or a zombie not yet reaped) and refuse
+    # to start, so it goes. This also skips PostgreSQL's shared-memory check, which the
+    # search for live processes in PGDATA stands in for.
+    if [ -e "$PGDATA/postmaster.pid" ] && ! busy_in_pgdata; then
+        echo "postgresql start: removing a stale postmaster.pid (pid $(head -n 1 "$PGDATA/postmaster.pid"))"
+        rm -f "$PGDATA/postmaster.pid"
+    fi
+    # The same for the socket's lock (node-local) if its pid is no running postgres.
+    lock="$PG_RUN_DIR/.s.PGSQL.$PG_PORT.lock"
+    if [ -e "$lock" ]; then
+        holder="$(head -n 1 "$lock" 2>/dev/null || true)"
+        if ! { readlink "/proc/$holder/cwd" >/dev/null 2>&1 \
+            && [ "$(cat "/proc/$holder/comm" 2>/dev/null)" = postgres ]; }; then
+            echo "postgresql start: removing a stale socket lock (pid $holder)"
+            rm -f "$lock" "$PG_RUN_DIR/.s.PGSQL.$PG_PORT"
+        fi
+    fi
     # listen_addresses is quoted for the shell pg_ctl starts the server through.
     as_pg "$PG_BIN/pg_ctl" start -D "$PGDATA" -l "$LOGFILE" -w -t "$PG_START_TIMEOUT" \
         -o "-c listen_addresses='$PG_LISTEN' -p $PG_PORT -k $PG_RUN_DIR" \
