@@ -74,6 +74,7 @@ class ReplicationRuntime:
     _promoted: asyncio.Future[dict[str, Any]] | None = None
     stepped_down: bool = False
     shutting_down: bool = False
+    _progress_logged: float = 0.0
     failed_connects: int = 0
     has_witness: bool = False
     witness_generation: int = 0  # what the witness last confirmed for this module
@@ -282,6 +283,7 @@ class ReplicationRuntime:
             self.figures = {k: v for k, v in message.items() if k not in ("event", "resync")}
             if "resync" in message:
                 self.resync = message["resync"]
+                self._progress_event(self.resync)
             return
         if kind == "connected":
             self.connected, self.connecting, self.resyncing = True, False, True
@@ -540,6 +542,22 @@ class ReplicationRuntime:
         self.handle.send({"cmd": "step_down", "reason": reason})
         self._set_pristine(
             False, "stepped down with writes never mirrored: the next resync compares by hashes"
+        )
+
+    def _progress_event(self, resync: dict[str, Any]) -> None:
+        """Resync progress in the event log (and so the event stream), every 5 s."""
+        now = time.monotonic()
+        if now - self._progress_logged < 5.0 or not resync.get("total_bytes"):
+            return
+        self._progress_logged = now
+        done, total = int(resync["done_bytes"]), int(resync["total_bytes"])
+        eta = resync.get("eta_s")
+        self.event(
+            "resync",
+            f"resync {done >> 20}/{total >> 20} MiB ({100 * done // max(total, 1)}%) at "
+            f"{int(resync.get('rate_bps') or 0) >> 20} MiB/s, ETA "
+            f"{'?' if eta is None else f'{eta:.0f} s'}",
+            **resync,
         )
 
     def generation_confirmed(self) -> bool:
