@@ -198,7 +198,7 @@ class MirrorProcess:
                 # Names first, in the same locked section that attaches the stream: every
                 # live operation from now on comes after them.
                 for op in plan.namespace:
-                    self.replicator.enqueue(op)
+                    self.replicator.enqueue(op, live=False)
                 self.replicator.resync_active = True
                 self.replicator.renamed_during_resync = False
         self.event({"event": "connected", "peer": stream.peer, "resync": resync})

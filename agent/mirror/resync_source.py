@@ -50,6 +50,7 @@ from agent.mirror.manifest import Entry, ManifestReader, scan
 from agent.mirror.sender import LinkState, MirrorReplicator
 
 CHUNK = 1 << 20
+RESYNC_WINDOW = 32 << 20
 Step = Callable[[int, str, "os.stat_result | None"], None]
 MAX_PASSES = 3
 
@@ -216,7 +217,7 @@ class SourceResync:
             step(root, path, self._lstat(root, path))
 
     def _enqueue(self, op: Op) -> None:
-        self.last_ticket = self.replicator.enqueue(op)
+        self.last_ticket = self.replicator.enqueue(op, live=False)
 
     def _remove(self, root: int, path: str, target: Entry | None) -> None:
         with self.replicator.ordered():
@@ -255,6 +256,8 @@ class SourceResync:
         end = offset + length
         while offset < end:
             size = min(CHUNK, end - offset)
+            # A bounded window in flight: memory stays small, progress counts what arrives.
+            self.replicator.wait_room(RESYNC_WINDOW)
             with self.replicator.ordered():
                 data = self._read(root, path, offset, size)
                 if data:

@@ -112,6 +112,7 @@ class MirrorReplicator:
         self.renamed_during_resync = False
         self.touched: set[tuple[int, str]] = set()  # paths live ops touched during a resync
         self._journal_ticket = 0
+        self._last_ack_at = 0.0
 
     # --- the Replicator protocol -------------------------------------------------------------
 
@@ -120,7 +121,8 @@ class MirrorReplicator:
         with self._order:
             yield
 
-    def enqueue(self, op: Op) -> int:
+    def enqueue(self, op: Op, *, live: bool = True) -> int:
+        """`live`: an application's operation (a resync's own are not `live`)."""
         with self._cond:
             self._seq += 1
             seq = self._seq
@@ -132,7 +134,7 @@ class MirrorReplicator:
                 return seq
             if self._state is LinkState.DOWN:
                 return seq
-            if self.resync_active:
+            if self.resync_active and live:
                 if isinstance(op, Rename):
                     self.renamed_during_resync = True
                 for path in paths_of(op):
@@ -206,9 +208,23 @@ class MirrorReplicator:
         return time.monotonic() - first
 
     def _check_overdue(self) -> None:
-        # Called with _cond held: an ack overdue while the TCP link looks alive still ends the wait.
-        if self._state is LinkState.CONNECTED and self._oldest_age() > self._ack_deadline:
+        # Called with _cond held: acks that stop coming while the TCP link looks alive still
+        # end the wait. Counted from the last ack (or the oldest op, if later): a long queue
+        # draining over a slow link is progress, not a dead peer.
+        if self._state is not LinkState.CONNECTED or not self._unacked:
+            return
+        silent = min(self._oldest_age(), time.monotonic() - self._last_ack_at)
+        if silent > self._ack_deadline:
             self._lost_locked(f"no acknowledgement from the peer for {self._ack_deadline:g} s")
+
+    def wait_room(self, limit: int) -> None:
+        """Resync flow control: wait while more than `limit` bytes are unacknowledged."""
+        with self._cond:
+            while self._state is LinkState.CONNECTED and self._pending_bytes > limit:
+                self._cond.wait(0.5)
+                self._check_overdue()
+            if self._state is not LinkState.CONNECTED:
+                raise LinkClosed(self.reason)
 
     # --- driven by the mirror process -----------------------------------------------------------
 
@@ -249,6 +265,7 @@ class MirrorReplicator:
             self.reason = f"mirroring to {stream.peer}"
             self._acked = self._seq
             self._base = self._seq
+            self._last_ack_at = time.monotonic()
             self.incoming = queue.Queue()
         sender = threading.Thread(target=self._send_loop, args=(stream,), daemon=True)
         acker = threading.Thread(target=self._ack_loop, args=(stream,), daemon=True)
@@ -338,6 +355,7 @@ class MirrorReplicator:
     def _acknowledge(self, seq: int) -> None:
         now = time.monotonic()
         with self._cond:
+            self._last_ack_at = now
             while self._unacked:
                 first = next(iter(self._unacked))
                 if first > seq:
