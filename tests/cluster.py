@@ -172,6 +172,19 @@ class Cluster:
                 f"--- node2 ---\n{self.log('node2')}"
             )
 
+    def wait_in_sync(self, node: str, name: str = "web", timeout: float = 60) -> None:
+        """Wait until `node` is a secondary whose copy of the module's data is in sync."""
+
+        def in_sync() -> bool:
+            module = self.module(node, name)
+            return (
+                module is not None
+                and module["state"] == "SECOND"
+                and bool(module["replication"]["in_sync"])
+            )
+
+        self.wait_until(f"{node} is an in-sync secondary of {name}", in_sync, timeout)
+
     def primary(self, name: str = "web") -> str | None:
         for node in ("node1", "node2"):
             if self.state(node, name) in ("PRIM", "ALONE"):

@@ -73,6 +73,7 @@ def test_failover_time(lab: Lab) -> None:
 
     cluster = Cluster(lab).start()
     cluster.wait_healthy_pair("node1")
+    cluster.wait_in_sync("node2")
     decided: list[float] = []
     vip_up: list[float] = []
     connected: list[float] = []
@@ -109,6 +110,9 @@ def test_failover_time(lab: Lab) -> None:
             lab.power_on(primary)
             cluster.start_agent(primary)
             cluster.wait_healthy_pair(survivor)
+            # The next power loss must find an up-to-date secondary (resync over), or the
+            # survivor rightly waits: its data would be behind.
+            cluster.wait_in_sync(primary)
             # Read only now: start.sh is logged when it ends, after the app already answers.
             app_start += [
                 float(e["detail"]["duration"])

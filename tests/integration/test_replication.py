@@ -64,17 +64,6 @@ def replication(cluster: Cluster, node: str) -> dict[str, object]:
     return {} if module is None else dict(module["replication"])
 
 
-def wait_in_sync(cluster: Cluster, secondary: str, timeout: float = 60) -> None:
-    cluster.wait_until(
-        f"{secondary} is an in-sync secondary",
-        lambda: (
-            cluster.state(secondary) == "SECOND"
-            and bool(replication(cluster, secondary).get("in_sync"))
-        ),
-        timeout,
-    )
-
-
 def wait_nothing_pending(cluster: Cluster, primary: str) -> None:
     cluster.wait_until(
         "nothing left to mirror",
@@ -148,7 +137,7 @@ def cluster(lab: Lab) -> Iterator[Cluster]:
 
 def test_records_written_on_the_primary_are_on_the_secondary(lab: Lab, cluster: Cluster) -> None:
     cluster.wait_healthy_pair("node1")
-    wait_in_sync(cluster, "node2")
+    cluster.wait_in_sync("node2")
     for n in range(20):
         assert cluster.post_record(f"mirrored {n}".encode()) is not None
     primary = records_on(lab, "node1")
@@ -162,7 +151,7 @@ def test_no_acknowledged_record_is_lost_through_power_losses_and_agent_kills(
     lab: Lab, cluster: Cluster
 ) -> None:
     cluster.wait_healthy_pair("node1")
-    wait_in_sync(cluster, "node2")
+    cluster.wait_in_sync("node2")
     rng = random.Random(int.from_bytes(os.urandom(4), "big"))
     primary, standby = "node1", "node2"
     with Writer(cluster) as writer:
@@ -181,7 +170,7 @@ def test_no_acknowledged_record_is_lost_through_power_losses_and_agent_kills(
             if power_loss:
                 lab.power_on(primary)
             cluster.start_agent(primary)
-            wait_in_sync(cluster, primary)
+            cluster.wait_in_sync(primary)
             writer.pause()
             wait_nothing_pending(cluster, standby)
             assert tree_digest(data_dir(lab, primary)) == tree_digest(data_dir(lab, standby))
@@ -211,7 +200,7 @@ def test_a_split_brain_is_reported_and_resolve_keeps_one_side_with_the_other_in_
     cluster = Cluster(lab, witness=False).start()
     try:
         cluster.wait_healthy_pair("node1")
-        wait_in_sync(cluster, "node2")
+        cluster.wait_in_sync("node2")
         assert cluster.post_record(b"before the split") is not None
 
         lab.cut_link("node1")  # full isolation: node1 keeps serving, node2 takes over
@@ -243,7 +232,7 @@ def test_a_split_brain_is_reported_and_resolve_keeps_one_side_with_the_other_in_
         lost_side = "side2.txt" if primary == "node1" else "side1.txt"
         done = cluster.ctl(other, "resolve", "web", "--keep", primary)
         assert done.returncode == 0, done.stderr
-        wait_in_sync(cluster, other)
+        cluster.wait_in_sync(other)
         assert tree_digest(data_dir(lab, primary)) == tree_digest(data_dir(lab, other))
         assert (data_dir(lab, other) / kept_side).exists()
         assert not (data_dir(lab, other) / lost_side).exists()
@@ -267,7 +256,7 @@ def test_a_dead_replication_link_ends_the_wait_after_ack_timeout_and_resyncs_lat
     cluster = Cluster(lab, timing={"ack_timeout": 2.0}).start()
     try:
         cluster.wait_healthy_pair("node1")
-        wait_in_sync(cluster, "node2")
+        cluster.wait_in_sync("node2")
         before = cluster.module("node1")
         assert before is not None
         generation = before["replication"]["generation"]
@@ -287,7 +276,7 @@ def test_a_dead_replication_link_ends_the_wait_after_ack_timeout_and_resyncs_lat
         assert cluster.state("node2") in ("SECOND", "WAIT")
 
         lab.restore_replication("node2")
-        wait_in_sync(cluster, "node2")
+        cluster.wait_in_sync("node2")
         wait_nothing_pending(cluster, "node1")
         assert records_on(lab, "node2") == records_on(lab, "node1")
         assert "while the link is dead" in records_on(lab, "node2").values()
@@ -312,7 +301,7 @@ def test_a_full_disk_on_the_secondary_is_reported_and_loses_no_acknowledged_data
             private_dirs={DEMO_DIR: Path("srv"), f"{DEMO_DIR}/data": small},
         )
         cluster.wait_healthy_pair("node1")
-        wait_in_sync(cluster, "node2")
+        cluster.wait_in_sync("node2")
         big = f"{DEMO_DIR}/data/big.bin"
         script = f"head -c 8M /dev/urandom > {big} && sync {big} && sha256sum {big}"
         pid = str(cluster.agent_pid("node1"))
@@ -337,7 +326,7 @@ def test_a_full_disk_on_the_secondary_is_reported_and_loses_no_acknowledged_data
 
 def test_forged_replication_streams_are_refused_and_logged(lab: Lab, cluster: Cluster) -> None:
     cluster.wait_healthy_pair("node1")
-    wait_in_sync(cluster, "node2")
+    cluster.wait_in_sync("node2")
     forged_key = bytes(32)  # an attacker without the cluster key
     hello = mf.encode_json({"cluster": "lab", "module": "web", "node": "node1", "nonce": "00" * 16})
     attempts = [
