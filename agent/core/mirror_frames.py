@@ -15,6 +15,7 @@ and hands them here.
 
 from __future__ import annotations
 
+import hmac
 import json
 import struct
 from dataclasses import dataclass
@@ -117,20 +118,10 @@ def verify(
     """Check a frame's MAC and sequence; StreamError says which check failed."""
     digest = blake3.blake3(header_raw, key=key)
     digest.update(payload)
-    if not _equal(digest.digest(MAC_BYTES), bytes(mac)):
+    if not hmac.compare_digest(digest.digest(MAC_BYTES), bytes(mac)):
         raise StreamError(f"frame {header.seq} failed authentication (forged or corrupted)")
     if header.seq != expected_seq:
         raise StreamError(f"frame {header.seq} out of order (expected {expected_seq})")
-
-
-def _equal(a: bytes, b: bytes) -> bool:
-    # constant time, as hmac.compare_digest, without importing hmac for one call
-    if len(a) != len(b):
-        return False
-    diff = 0
-    for x, y in zip(a, b, strict=True):
-        diff |= x ^ y
-    return diff == 0
 
 
 def encode_json(message: dict[str, Any]) -> bytes:
