@@ -240,6 +240,9 @@ class MirrorProcess:
             elif kind == "full":
                 job.full()
             if kind != "none":
+                # From this marker on the secondary applies strictly again: every live op
+                # it may have skipped came before it, and all of those are in `touched`.
+                self.replicator.enqueue_control({"type": "resync_strict"})
                 job.touched_pass(self.replicator.take_touched())
             ticket = self.replicator.enqueue_control({"type": "resync_done", **done})
             self.replicator.wait_acked(ticket)

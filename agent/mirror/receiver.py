@@ -104,6 +104,8 @@ class Receiver:
         elif kind == "resync_begin":
             self.resyncing = True
             self.skipped = 0
+        elif kind == "resync_strict":
+            self.resyncing = False
         elif kind == "quarantine" and self._quarantine is not None:
             # In stream order, before the resync overwrites or removes any of them.
             self._quarantine(int(message["root"]), [str(p) for p in message["paths"]])

@@ -15,6 +15,7 @@ import random
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,7 @@ class Writer:
 
     cluster: Cluster
     acked: dict[str, int] = field(default_factory=dict)  # text -> seq
+    by: dict[str, str] = field(default_factory=dict)  # text -> the node that acknowledged it
     paused: threading.Event = field(default_factory=threading.Event)
     idle: threading.Event = field(default_factory=threading.Event)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -105,6 +107,7 @@ class Writer:
             answer = self.cluster.post_record(text.encode(), timeout=1.0)
             if answer is not None:
                 self.acked[text] = int(answer["seq"])
+                self.by[text] = f"{answer.get('node')} at {time.monotonic():.3f}"
             else:
                 self._stop.wait(0.05)
 
@@ -120,10 +123,27 @@ class Writer:
         self.paused.clear()
 
 
-def assert_all_acked_present(lab: Lab, node: str, writer: Writer) -> None:
+def assert_all_acked_present(
+    lab: Lab, node: str, writer: Writer, cluster: Cluster | None = None
+) -> None:
     present = set(records_on(lab, node).values())
     missing = [text for text in list(writer.acked) if text not in present]
-    assert not missing, f"{len(missing)} acknowledged records missing on {node}: {missing[:5]}"
+    if not missing:
+        return
+    detail = [
+        f"{text} (seq {writer.acked[text]}) acknowledged by {writer.by.get(text)}"
+        for text in missing[:5]
+    ]
+    logs = (
+        ""
+        if cluster is None
+        else f"\n--- node1 ---\n{cluster.log('node1')}\n--- node2 ---\n{cluster.log('node2')}"
+    )
+    tail = (data_dir(lab, node) / "records.log").read_bytes()[-600:]
+    raise AssertionError(
+        f"{len(missing)} acknowledged records missing on {node} (now {time.monotonic():.3f}): "
+        f"{detail}; its records.log ends with {tail!r}{logs}"
+    )
 
 
 @pytest.fixture
@@ -165,7 +185,7 @@ def test_no_acknowledged_record_is_lost_through_power_losses_and_agent_kills(
                 os.kill(cluster.agent_pid(primary), 9)
             cluster.wait_state(standby, ("ALONE", "PRIM"), timeout=30)
             writer.pause()
-            assert_all_acked_present(lab, standby, writer)
+            assert_all_acked_present(lab, standby, writer, cluster)
             writer.resume()
             if power_loss:
                 lab.power_on(primary)
