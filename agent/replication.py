@@ -391,6 +391,11 @@ class ReplicationRuntime:
             return
         if not peer_raw.get("rx") or now < self.connect_at:
             return
+        if not self.generation_confirmed():
+            # Connecting releases the writes held since the new generation began (they go
+            # into the journal the resync sends): not before the witness knows of it, or a
+            # peer that missed them could still be let in as primary.
+            return
         verdict = self.verdict(peer)
         quarantine = peer.is_empty  # files found on a never-synced peer are kept, not lost
         if verdict in (SyncVerdict.SPLIT_BRAIN, SyncVerdict.UNRELATED):
