@@ -192,14 +192,18 @@ class Cluster:
         return None
 
     def wait_healthy_pair(self, primary: str = "node1", name: str = "web") -> None:
-        """PRIM on `primary`, SECOND on the other, the demo answering through the VIP."""
+        """PRIM on `primary`, SECOND on the other, the demo answering through the VIP, and,
+        for a module with replicated directories, the secondary's copy in sync (before that
+        it rightly refuses to take over)."""
         other = "node2" if primary == "node1" else "node1"
         self.wait_state(primary, "PRIM", name, timeout=30)
-        self.wait_state(other, "SECOND", name, timeout=30)
+        second = self.wait_state(other, "SECOND", name, timeout=30)
         self.wait_until(
             "the demo answers through the VIP",
             lambda: self.lab.tcp_connect_ok(VIP, DEMO_PORT, timeout=0.5),
         )
+        if second["replication"]["generation"] is not None:
+            self.wait_in_sync(other, name)
 
     def agent_pid(self, node: str) -> int:
         """The pid of `node`'s tandem-agent process itself (the lab's wrapper execs into it)."""
