@@ -22,8 +22,8 @@ import os
 import queue
 import stat
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from functools import partial
 
 from agent.core import mirror_frames as mf
@@ -339,15 +339,23 @@ def verify_root(
     excluded: Callable[[str, bool], bool] | None,
     root: int,
 ) -> tuple[list[str], int]:
-    """Paths that differ between both sides (checked twice: a write in flight is no difference)."""
-    target = target_manifest(replicator, root)
-    source = list(scan(root_fd, excluded))
+    """Paths that differ between both sides (checked twice: a write in flight is no difference).
+
+    Modification times are left out: a mirrored write sets each copy's own clock (the
+    resync aligns them; between resyncs they drift by the time a write takes to cross).
+    """
+    target = _timeless(target_manifest(replicator, root))
+    source = _timeless(scan(root_fd, excluded))
     suspects = differing_paths(source, target)
     if not suspects:
         return [], len(source)
-    again_target = target_manifest(replicator, root, suspects)
-    again_source = list(scan(root_fd, excluded, paths=suspects))
+    again_target = _timeless(target_manifest(replicator, root, suspects))
+    again_source = _timeless(scan(root_fd, excluded, paths=suspects))
     return differing_paths(again_source, again_target), len(source)
+
+
+def _timeless(entries: Iterable[Entry]) -> list[Entry]:
+    return [replace(e, mtime_ns=0) for e in entries]
 
 
 def _kind(st: os.stat_result | None) -> str:
