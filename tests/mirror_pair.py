@@ -206,6 +206,11 @@ class MirrorProcess:
             except OSError as exc:
                 raise PairError(f"{self.name} mirror: cannot send {command}: {exc}") from None
 
+    def lose_agent(self) -> None:
+        """Close the agent's end of the control socket, as when the agent is killed."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
     def close(self, timeout: float = 20.0) -> None:
         """Ask it to stop (it unmounts), then kill it if it does not exit in time."""
         if self.proc.poll() is None:

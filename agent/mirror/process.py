@@ -355,7 +355,11 @@ class MirrorProcess:
         while True:
             received = self.control.receive()
             if received is None:
-                break
+                # The agent is gone without a `stop` (killed, crashed): die now, mounts left
+                # in place. Unmounting here would let an application still running until the
+                # guard kills it open the bare directory beneath and write unmirrored data that
+                # it is told is safe; a dead mount fails those writes instead.
+                os._exit(1)
             command, fds = received
             name = command.get("cmd")
             if name == "connect":
