@@ -18,6 +18,7 @@ from __future__ import annotations
 import hmac
 import json
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -77,11 +78,18 @@ def encode(key: bytes, kind: FrameKind, seq: int, payload: bytes) -> bytes:
     return header + payload + mac.digest(MAC_BYTES)
 
 
-def encode_parts(key: bytes, kind: FrameKind, seq: int, payload: bytes) -> tuple[bytes, bytes]:
-    """(header, mac) for a payload sent separately: large writes are never copied into a frame."""
-    header = HEADER.pack(MAGIC, MIRROR_PROTOCOL, kind, seq, len(payload))
+def encode_parts(
+    key: bytes, kind: FrameKind, seq: int, payload: Sequence[Buffer]
+) -> tuple[bytes, bytes]:
+    """(header, mac) for a payload sent as consecutive parts: large writes are never copied
+    into a frame."""
+    length = sum(len(part) for part in payload)
+    if length > MAX_PAYLOAD:
+        raise ValueError(f"payload of {length} bytes exceeds {MAX_PAYLOAD}")
+    header = HEADER.pack(MAGIC, MIRROR_PROTOCOL, kind, seq, length)
     mac = blake3.blake3(header, key=key)
-    mac.update(payload)
+    for part in payload:
+        mac.update(part)
     return header, mac.digest(MAC_BYTES)
 
 

@@ -18,6 +18,7 @@ import typing
 from dataclasses import dataclass
 from typing import ClassVar
 
+Buffer = bytes | memoryview
 _I64 = struct.Struct(">q")
 _U32 = struct.Struct(">I")
 _U16 = struct.Struct(">H")
@@ -37,7 +38,7 @@ class Write:
     root: int
     path: str
     offset: int
-    data: bytes
+    data: Buffer  # a memoryview while it is only borrowed (the FUSE request, a received frame)
     sync: bool = False
 
 
@@ -251,25 +252,39 @@ def payload_bytes(op: Op) -> int:
 
 def encode_op(op: Op) -> bytes:
     """The operation as bytes: its code, then each field in declaration order."""
-    out = [bytes((op.code,))]
+    return b"".join(encode_op_parts(op))
+
+
+def encode_op_parts(op: Op) -> list[Buffer]:
+    """`encode_op` as consecutive parts, each data field a part of its own (never copied):
+    a 1 MiB write goes to the socket from the buffer it arrived in."""
+    parts: list[Buffer] = []
+    head = bytearray((op.code,))
     for name, kind in _FIELDS[type(op)]:
         value = getattr(op, name)
         if kind is bool:
-            out.append(b"\x01" if value else b"\x00")
+            head.append(1 if value else 0)
         elif kind is int:
-            out.append(_I64.pack(value))
+            head += _I64.pack(value)
         elif kind is str:
             raw = value.encode("utf-8", "surrogateescape")
-            out.append(_U16.pack(len(raw)))
-            out.append(raw)
+            head += _U16.pack(len(raw))
+            head += raw
         else:
-            out.append(_U32.pack(len(value)))
-            out.append(value)
-    return b"".join(out)
+            head += _U32.pack(len(value))
+            parts.append(bytes(head))
+            parts.append(value)
+            head = bytearray()
+    if head:
+        parts.append(bytes(head))
+    return parts
 
 
-def decode_op(raw: bytes | memoryview) -> Op:
-    """The operation `encode_op` made; OpError if the bytes are not one."""
+def decode_op(raw: Buffer, *, borrow: bool = False) -> Op:
+    """The operation `encode_op` made; OpError if the bytes are not one.
+
+    `borrow`: data fields are views of `raw` (valid as long as it is), not copies.
+    """
     view = memoryview(raw)
     if not view:
         raise OpError("empty operation")
@@ -298,7 +313,8 @@ def decode_op(raw: bytes | memoryview) -> Op:
                 pos += 4
                 if size > MAX_DATA_BYTES or pos + size > len(view):
                     raise OpError(f"{op_type.__name__}.{name}: {size} bytes overruns the frame")
-                values[name] = bytes(view[pos : pos + size])
+                field = view[pos : pos + size]
+                values[name] = field if borrow else bytes(field)
                 pos += size
     except (struct.error, IndexError):
         raise OpError(f"{op_type.__name__}: truncated") from None

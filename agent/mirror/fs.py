@@ -30,6 +30,7 @@ from typing import Any
 import mfusepy
 
 from agent.core.mirror_ops import (
+    Buffer,
     Chmod,
     Chown,
     Create,
@@ -285,7 +286,7 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
             self._rep.wait(ticket, WaitPoint.WRITE)
         return fd
 
-    def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
+    def write(self, path: str | None, data: Buffer, offset: int, fh: int) -> int:
         handle = self._handles[fh]
         rel = None if path is None else path[1:]
         if rel is not None and self._fh_out(handle, rel):
@@ -295,16 +296,39 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
                 # The real fd has no O_APPEND (pwrite would ignore the offset): the bytes
                 # land at the end as it is now, and the op says exactly where.
                 offset = os.fstat(fh).st_size
-            written = os.pwrite(fh, data, offset)
             if rel is None:  # unlinked while open, or excluded
-                return written
+                return os.pwrite(fh, data, offset)
+            # Enqueued before the local write, so the peer works on its copy meanwhile; a
+            # local write that falls short is mended on the peer in the same ordered step.
+            ticket = self._enqueue(Write(self.root, rel, offset, data, handle.sync))
+            try:
+                written = os.pwrite(fh, data, offset)
+            except OSError:
+                self._mend(rel, offset, len(data), 0)
+                raise
             if written != len(data):
-                data = data[:written]
-            ticket = self._rep.enqueue(Write(self.root, rel, offset, data, handle.sync))
-            self.last_ticket = ticket
+                ticket = self._mend(rel, offset, len(data), written) or ticket
         handle.last = ticket
         self._rep.wait(ticket, WaitPoint.DURABLE if handle.sync else WaitPoint.WRITE)
         return written
+
+    def _mend(self, rel: str, offset: int, size: int, written: int) -> int:
+        """The peer was sent `size` bytes at `offset` but only `written` of them landed here:
+        send it what this copy holds there now (its old bytes, its length)."""
+        fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
+        try:
+            length = os.fstat(fd).st_size
+            start, end = offset + written, min(offset + size, length)
+            ticket = 0
+            if end > start:
+                ticket = self._enqueue(
+                    Write(self.root, rel, start, os.pread(fd, end - start, start))
+                )
+            if length < offset + size:
+                ticket = self._enqueue(Truncate(self.root, rel, length))
+            return ticket
+        finally:
+            os.close(fd)
 
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
         rel = path[1:] if path is not None else None
@@ -651,6 +675,17 @@ class _Fuse(mfusepy.FUSE):  # type: ignore[misc]
     def lseek(self, path: bytes | None, offset: int, whence: int, fip: Any) -> int:
         ops: MirrorFS = self.operations
         return ops.lseek("", offset, whence, fip.contents.fh)
+
+    def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
+        # The request's buffer, lent (not copied) to the replicator: in sync mode this request
+        # waits for the peer's ack, and the replicator copies it in the modes that do not.
+        ops: MirrorFS = self.operations
+        data: Buffer = b""
+        if size:
+            lent = (ctypes.c_char * size).from_address(ctypes.addressof(buf.contents))
+            data = memoryview(lent).cast("B")
+        name = None if path is None else path.decode(errors="surrogateescape")
+        return ops.write(name, data, offset, fip.contents.fh)
 
     def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
         ops: MirrorFS = self.operations

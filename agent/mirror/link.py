@@ -16,13 +16,16 @@ import contextlib
 import os
 import socket
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from agent.core import mirror_frames as mf
-from agent.core.mirror_ops import Op, encode_op
+from agent.core.mirror_ops import Buffer, Op, encode_op_parts
 
 HANDSHAKE_TIMEOUT = 5.0
+IOV_MAX = 1024
+RECEIVE_BUFFER = 4 << 20  # holds the largest frames (a 1 MiB write) several times over
 
 
 class LinkClosed(Exception):
@@ -120,34 +123,51 @@ class Stream:
         self._send_seq = 1
         self._recv_seq = 1
         self._send_lock = threading.Lock()
-        self._header = bytearray(mf.HEADER_BYTES)
-        self._buffer = bytearray(1 << 20)
+        # Receives read as much as the socket holds into one buffer and frames are cut from
+        # it: a burst of small frames costs one recv, not two per frame.
+        self._buffer = bytearray(RECEIVE_BUFFER)
+        self._view = memoryview(self._buffer)
+        self._start = 0  # first byte not yet handed out
+        self._end = 0  # end of the bytes received
         self.sent_bytes = 0
 
-    def send(self, kind: mf.FrameKind, payload: bytes) -> int:
+    def send(self, kind: mf.FrameKind, payload: Buffer) -> int:
         """Send one frame; returns its sequence number."""
-        with self._send_lock:
-            seq = self._send_seq
-            header, mac = mf.encode_parts(self._key, kind, seq, payload)
-            self._sendall([header, payload, mac])
-            self._send_seq += 1
-            self.sent_bytes += len(header) + len(payload) + len(mac)
-            return seq
+        return self.send_frames([(kind, [payload])])
 
     def send_op(self, op: Op) -> int:
-        return self.send(mf.FrameKind.OP, encode_op(op))
+        return self.send_frames([(mf.FrameKind.OP, encode_op_parts(op))])
 
     def send_json(self, kind: mf.FrameKind, message: dict[str, Any]) -> int:
         return self.send(kind, mf.encode_json(message))
 
-    def _sendall(self, parts: list[bytes]) -> None:
-        views = [memoryview(p) for p in parts if p]
+    def send_frames(self, frames: Sequence[tuple[mf.FrameKind, Sequence[Buffer]]]) -> int:
+        """Send frames (each a payload in parts) in one go; returns the last one's sequence."""
+        with self._send_lock:
+            seq = self._send_seq - 1
+            parts: list[Buffer] = []
+            for kind, payload in frames:
+                seq += 1
+                header, mac = mf.encode_parts(self._key, kind, seq, payload)
+                parts.append(header)
+                parts.extend(payload)
+                parts.append(mac)
+            self._sendall(parts)
+            self._send_seq = seq + 1
+            self.sent_bytes += sum(len(part) for part in parts)
+            return seq
+
+    def _sendall(self, parts: list[Buffer]) -> None:
+        views = [memoryview(p) for p in parts if len(p)]
         try:
             while views:
-                sent = self.sock.sendmsg(views)
-                while views and sent >= len(views[0]):
-                    sent -= len(views[0])
-                    views.pop(0)
+                # sendmsg takes at most IOV_MAX buffers at a time.
+                sent = self.sock.sendmsg(views[:IOV_MAX])
+                done = 0
+                while done < len(views) and sent >= len(views[done]):
+                    sent -= len(views[done])
+                    done += 1
+                del views[:done]
                 if views and sent:
                     views[0] = views[0][sent:]
         except OSError as exc:
@@ -155,18 +175,52 @@ class Stream:
 
     def receive(self) -> tuple[mf.Header, memoryview]:
         """The next verified frame; its payload view is valid until the next receive."""
-        header_view = memoryview(self._header)
-        _recv_exact(self.sock, header_view)
-        header = mf.parse_header(self._header)
-        need = header.length + mf.MAC_BYTES
-        if need > len(self._buffer):
-            self._buffer = bytearray(need)
-        view = memoryview(self._buffer)[:need]
-        _recv_exact(self.sock, view)
-        payload = view[: header.length]
-        mf.verify(self._key, self._header, header, payload, view[header.length :], self._recv_seq)
+        self._fill(mf.HEADER_BYTES)
+        header_raw = self._view[self._start : self._start + mf.HEADER_BYTES]
+        header = mf.parse_header(header_raw)
+        need = mf.HEADER_BYTES + header.length + mf.MAC_BYTES
+        self._fill(need)
+        start = self._start
+        header_raw = self._view[start : start + mf.HEADER_BYTES]
+        body = start + mf.HEADER_BYTES
+        payload = self._view[body : body + header.length]
+        mac = self._view[body + header.length : start + need]
+        mf.verify(self._key, header_raw, header, payload, mac, self._recv_seq)
         self._recv_seq += 1
+        self._start = start + need
         return header, payload
+
+    def pending(self) -> bool:
+        """Whether more of the stream is already here (in the buffer or the socket)."""
+        if self._end > self._start:
+            return True
+        try:
+            return bool(self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:
+            return False
+
+    def _fill(self, need: int) -> None:
+        """Make `need` bytes from `_start` available in the buffer, receiving what is missing."""
+        if self._end - self._start >= need:
+            return
+        if self._start + need > len(self._buffer):
+            # Move the partial frame to the front (the views handed out before are spent).
+            kept = self._end - self._start
+            if need > len(self._buffer):
+                grown = bytearray(max(need, 2 * len(self._buffer)))
+                grown[:kept] = self._view[self._start : self._end]
+                self._buffer, self._view = grown, memoryview(grown)
+            else:
+                self._view[:kept] = self._view[self._start : self._end]
+            self._start, self._end = 0, kept
+        while self._end - self._start < need:
+            try:
+                n = self.sock.recv_into(self._view[self._end :])
+            except OSError as exc:
+                raise LinkClosed(f"replication link failed: {exc.strerror or exc}") from None
+            if n == 0:
+                raise LinkClosed("replication link closed by the peer")
+            self._end += n
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

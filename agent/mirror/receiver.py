@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -56,7 +55,7 @@ class Receiver:
             while True:
                 header, payload = self.stream.receive()
                 if header.kind is mf.FrameKind.OP:
-                    op = decode_op(payload)
+                    op = decode_op(payload, borrow=True)  # applied before the next receive
                     try:
                         self.applier.apply(op)
                     except ApplyError as exc:
@@ -73,7 +72,7 @@ class Receiver:
                     raise mf.StreamError(f"unexpected {header.kind.name} frame from the primary")
                 processed += 1
                 unacked += 1
-                if unacked >= ACK_EVERY or not self._more_to_read():
+                if unacked >= ACK_EVERY or not self.stream.pending():
                     self.stream.send_json(mf.FrameKind.ACK, {"n": processed})
                     unacked = 0
         except ApplyError as exc:
@@ -88,14 +87,6 @@ class Receiver:
             return str(exc)
         finally:
             self.stream.close()
-
-    def _more_to_read(self) -> bool:
-        try:
-            return bool(self.stream.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-        except BlockingIOError:
-            return False
-        except OSError:
-            return False
 
     def _control(self, message: dict[str, Any]) -> None:
         kind = message.get("type")

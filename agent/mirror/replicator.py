@@ -34,7 +34,11 @@ class Replicator(Protocol):
         ...
 
     def enqueue(self, op: Op) -> int:
-        """Queue `op` (inside ordered()); returns its ticket, increasing with each op."""
+        """Queue `op` (inside ordered()); returns its ticket, increasing with each op.
+
+        A Write's data may be a view of the FUSE request's buffer, lent until the request
+        returns (after its `wait`): a replicator that keeps it longer keeps a copy.
+        """
         ...
 
     def wait(self, ticket: int, point: WaitPoint) -> None:

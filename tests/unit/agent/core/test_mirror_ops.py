@@ -21,6 +21,7 @@ from agent.core.mirror_ops import (
     decode_op,
     durable,
     encode_op,
+    encode_op_parts,
     paths_of,
     payload_bytes,
 )
@@ -36,7 +37,8 @@ int64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 def op_strategy(op_type: type[Op]) -> st.SearchStrategy[Op]:
     fields = {}
     for f in dataclasses.fields(op_type):
-        kind = {"bool": st.booleans(), "int": int64, "str": paths, "bytes": st.binary(max_size=300)}
+        data = st.binary(max_size=300)
+        kind = {"bool": st.booleans(), "int": int64, "str": paths, "bytes": data, "Buffer": data}
         fields[f.name] = kind[str(f.type)]
     return st.builds(op_type, **fields)
 
@@ -47,6 +49,22 @@ any_op = st.one_of(*(op_strategy(t) for t in OP_TYPES))
 @given(any_op)
 def test_every_operation_round_trips(op: Op) -> None:
     assert decode_op(encode_op(op)) == op
+
+
+@given(any_op)
+def test_the_parts_of_an_operation_are_its_encoding_and_data_is_lent_not_copied(op: Op) -> None:
+    parts = encode_op_parts(op)
+    assert b"".join(parts) == encode_op(op)
+    if isinstance(op, Write):
+        assert any(part is op.data for part in parts)
+    raw = bytearray(encode_op(op))
+    borrowed = decode_op(raw, borrow=True)
+    assert borrowed == op
+    if isinstance(borrowed, Write) and borrowed.data:
+        # A view of the frame: valid while the frame is, which is why the receiver applies
+        # an operation before it reads the next frame.
+        raw[-2] ^= 0xFF
+        assert borrowed.data != op.data
 
 
 @given(st.binary(max_size=200))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import hashlib
 import os
@@ -67,6 +68,8 @@ class Recorder:
             yield
 
     def enqueue(self, op: Op) -> int:
+        if isinstance(op, Write):  # lent by the FUSE request: kept here, so copied
+            op = dataclasses.replace(op, data=bytes(op.data))
         self.ops.append(op)
         return len(self.ops)
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import errno
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.mirror_pair import SoloMirror
+from tests.mirror_pair import MirrorPair, SoloMirror, run_in_mount_ns
 
 # An application in the mirror's mount namespace: it writes through the mount, then, once told
 # the agent is gone, tries to create another file there and says what happened.
@@ -64,3 +65,40 @@ def test_a_mirror_whose_agent_dies_leaves_a_dead_mount_never_the_bare_directory(
                 if pipe is not None:
                     pipe.close()
         solo.close()
+
+
+# Writes 3 MiB in 1 MiB writes into a new file and reports what each write returned.
+WRITER = """
+import json, os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+results = []
+for n in range(3):
+    try:
+        results.append(os.pwrite(fd, bytes([65 + n]) * (1 << 20), n << 20))
+    except OSError as exc:
+        results.append(-exc.errno)
+os.fsync(fd)
+os.close(fd)
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.root
+def test_a_write_that_falls_short_on_the_primary_leaves_the_same_bytes_on_the_secondary(
+    tmp_path: Path,
+) -> None:
+    """The primary sends a write before making it locally; when the local write falls short
+    (here its file size limit: a short write, then EFBIG), the peer's copy is mended."""
+    with MirrorPair(tmp_path / "pair", mode="sync") as pair:
+        pair.connect("none")
+        limit = (1 << 20) + (1 << 19)  # 1.5 MiB: the second write is cut, the third refused
+        subprocess.run(
+            ["prlimit", f"--pid={pair.primary_pid}", f"--fsize={limit}:{limit}"], check=True
+        )
+        done = run_in_mount_ns(
+            pair.primary_pid, [sys.executable, "-c", WRITER, str(pair.primary_mount / "f")]
+        )
+        assert json.loads(done.stdout) == [1 << 20, 1 << 19, -errno.EFBIG]
+        primary = (pair.primary_dir / "f").read_bytes()
+        assert primary == b"A" * (1 << 20) + b"B" * (1 << 19)
+        assert (pair.secondary_dir / "f").read_bytes() == primary
