@@ -54,6 +54,7 @@ from agent.mirror.excludes import Excludes
 from agent.mirror.replicator import Replicator, WaitPoint
 
 CHUNK = 1 << 20  # a tree sent whole travels in writes of at most this size
+FRAME_DATA = 256 << 10  # an application's write travels in frames of at most this much data
 RENAME_EXCHANGE = 2
 FUSE_CAP_WRITEBACK_CACHE = 1 << 16
 # libfuse hands UTIME_NOW / UTIME_OMIT through as tv_nsec with tv_sec 0; use_ns sums them.
@@ -300,7 +301,14 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
                 return os.pwrite(fh, data, offset)
             # Enqueued before the local write, so the peer works on its copy meanwhile; a
             # local write that falls short is mended on the peer in the same ordered step.
-            ticket = self._enqueue(Write(self.root, rel, offset, data, handle.sync))
+            # A large write travels as several frames: the peer checks and applies each while
+            # the next one crosses the link. O_SYNC/O_DSYNC: durable with the last one.
+            ticket = 0
+            last = max(len(data) - 1, 0) // FRAME_DATA * FRAME_DATA
+            for start in range(0, last + 1, FRAME_DATA):
+                piece = data[start : start + FRAME_DATA]
+                sync = handle.sync and start == last
+                ticket = self._enqueue(Write(self.root, rel, offset + start, piece, sync))
             try:
                 written = os.pwrite(fh, data, offset)
             except OSError:

@@ -25,6 +25,7 @@ from agent.core.mirror_ops import Buffer, Op, encode_op_parts
 
 HANDSHAKE_TIMEOUT = 5.0
 IOV_MAX = 1024
+SEND_FLUSH_BYTES = 128 << 10
 RECEIVE_BUFFER = 4 << 20  # holds the largest frames (a 1 MiB write) several times over
 
 
@@ -146,15 +147,23 @@ class Stream:
         with self._send_lock:
             seq = self._send_seq - 1
             parts: list[Buffer] = []
+            size = 0
             for kind, payload in frames:
                 seq += 1
                 header, mac = mf.encode_parts(self._key, kind, seq, payload)
                 parts.append(header)
                 parts.extend(payload)
                 parts.append(mac)
+                size += len(header) + sum(len(part) for part in payload) + len(mac)
+                if size >= SEND_FLUSH_BYTES:
+                    # Large frames leave as soon as each is authenticated: the peer starts on
+                    # one while the next is hashed.
+                    self._sendall(parts)
+                    self.sent_bytes += size
+                    parts, size = [], 0
             self._sendall(parts)
             self._send_seq = seq + 1
-            self.sent_bytes += sum(len(part) for part in parts)
+            self.sent_bytes += size
             return seq
 
     def _sendall(self, parts: list[Buffer]) -> None:
