@@ -28,6 +28,7 @@ from agent.core.mirror_ops import (
     Op,
     Rename,
     Write,
+    durable,
     encode_op_parts,
     paths_of,
     payload_bytes,
@@ -40,6 +41,10 @@ Mode = Literal["sync", "flush", "async"]
 
 STEPPED_DOWN = "the node stepped down; this write is not mirrored"
 SEND_BATCH_BYTES = 4 << 20
+# flush and async modes: small writes wait this long (or until this much is queued, or an
+# fsync/close waits) to leave together; sync mode sends each at once.
+COALESCE_SECONDS = 0.002
+COALESCE_BYTES = 256 << 10
 SEND_BATCH_FRAMES = 512
 
 
@@ -99,12 +104,17 @@ class MirrorReplicator:
         self._max_pending = async_max_bytes if mode == "async" else flush_window_bytes
         self._max_age = async_max_age if mode == "async" else float("inf")
         self._order = threading.Lock()
-        self._cond = threading.Condition(threading.Lock())
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)  # acks, state changes: what waiters wait for
+        self._send_ready = threading.Condition(lock)  # the sender's own: work to send
         self._seq = 0
         self._acked = 0
         self._unacked: OrderedDict[int, tuple[Op, float]] = OrderedDict()
         self._pending_bytes = 0
         self._outbox: deque[Op | dict[str, Any]] = deque()
+        self._outbox_bytes = 0
+        self._outbox_since = 0.0  # when the oldest op in the outbox was queued
+        self._urgent = False  # someone waits for an op still in the outbox
         self._base = 0  # the ticket the current session started after
         self.incoming: queue.Queue[tuple[mf.FrameKind, bytes]] = queue.Queue()
         # Until the agent says where writes go (a stream, or the journal once the witness has
@@ -162,8 +172,9 @@ class MirrorReplicator:
             self._unacked[seq] = (op, time.monotonic())
             self._pending_bytes += payload_bytes(op)
             if self._state is LinkState.CONNECTED:
-                self._outbox.append(op)
-            self._cond.notify_all()
+                # An fsync is waited for: it leaves at once, to run beside the local one.
+                self._urgent = self._urgent or durable(op)
+                self._push(op, payload_bytes(op))
             return seq
 
     def enqueue_control(self, message: dict[str, Any]) -> int:
@@ -172,13 +183,32 @@ class MirrorReplicator:
             if self._state is not LinkState.CONNECTED:
                 raise LinkClosed(self.reason)
             self._seq += 1
-            self._outbox.append(message)
-            self._cond.notify_all()
+            self._urgent = True
+            self._push(message, 0)
             return self._seq
+
+    def _push(self, item: Op | dict[str, Any], size: int) -> None:
+        """Queue for the sender (with the lock held), waking it only when it has work now: in
+        sync mode always; in flush and async mode when the batch is due (COALESCE_BYTES,
+        COALESCE_SECONDS, or someone waits), so a burst of small writes leaves in one sendmsg."""
+        first = not self._outbox
+        self._outbox.append(item)
+        self._outbox_bytes += size
+        if first:
+            self._outbox_since = time.monotonic()
+        if first or self.mode == "sync" or self._urgent or self._outbox_bytes >= COALESCE_BYTES:
+            self._send_ready.notify()
+
+    def _hurry(self) -> None:
+        """Someone is about to wait for an ack (lock held): what is queued leaves now."""
+        if self._outbox and not self._urgent:
+            self._urgent = True
+            self._send_ready.notify()
 
     def wait_acked(self, ticket: int) -> None:
         """Wait until the peer processed `ticket`; LinkClosed if the link is lost first."""
         with self._cond:
+            self._hurry()
             while self._acked < ticket:
                 if self._state is not LinkState.CONNECTED:
                     raise LinkClosed(self.reason)
@@ -197,12 +227,11 @@ class MirrorReplicator:
             self._wait_for_room()
             return
         with self._cond:
+            self._hurry()
             try:
                 while self._acked < ticket:
                     if self._state is LinkState.DOWN:
-                        raise OSError(
-                            errno.EIO, "the node stepped down; this write is not mirrored"
-                        )
+                        raise OSError(errno.EIO, STEPPED_DOWN)
                     self._cond.wait(0.5)
                     self._check_overdue()
             finally:
@@ -221,6 +250,7 @@ class MirrorReplicator:
             while self._state in (LinkState.CONNECTED, LinkState.HELD) and (
                 self._pending_bytes > self._max_pending or self._oldest_age() > self._max_age
             ):
+                self._hurry()
                 self._cond.wait(0.1)
                 self._check_overdue()
             if self._state is LinkState.DOWN:
@@ -246,6 +276,7 @@ class MirrorReplicator:
         """Resync flow control: wait while more than `limit` bytes are unacknowledged."""
         with self._cond:
             while self._state is LinkState.CONNECTED and self._pending_bytes > limit:
+                self._hurry()
                 self._cond.wait(0.5)
                 self._check_overdue()
             if self._state is not LinkState.CONNECTED:
@@ -305,7 +336,7 @@ class MirrorReplicator:
             if held:
                 self.journal.record(held)
             self._unacked.clear()
-            self._outbox.clear()
+            self._clear_outbox()
             self._pending_bytes = 0
             self._acked = self._seq
             self._state = LinkState.ALONE
@@ -318,7 +349,7 @@ class MirrorReplicator:
         with self._cond:
             self._state = LinkState.DOWN
             self.reason = reason
-            self._outbox.clear()
+            self._clear_outbox()
             self._drop_stream()
             self._cond.notify_all()
 
@@ -347,9 +378,20 @@ class MirrorReplicator:
     def _send_loop(self, stream: Stream) -> None:
         while True:
             with self._cond:
-                while not self._outbox and self._stream is stream:
-                    self._cond.wait(0.5)
-                    self._check_overdue()
+                while self._stream is stream:
+                    if self._outbox:
+                        age = time.monotonic() - self._outbox_since
+                        if (
+                            self.mode == "sync"
+                            or self._urgent
+                            or self._outbox_bytes >= COALESCE_BYTES
+                            or age >= COALESCE_SECONDS
+                        ):
+                            break
+                        self._send_ready.wait(COALESCE_SECONDS - age)
+                    else:
+                        self._send_ready.wait(0.5)
+                        self._check_overdue()
                 if self._stream is not stream:
                     return
                 # Everything queued goes in one sendmsg (up to a bound): a burst of small
@@ -363,6 +405,9 @@ class MirrorReplicator:
                     else:
                         batch.append((mf.FrameKind.OP, encode_op_parts(item)))
                         size += payload_bytes(item)
+                self._outbox_bytes -= size
+                if not self._outbox:
+                    self._urgent = False
                 self._sending += 1
             try:
                 stream.send_frames(batch)
@@ -411,13 +456,19 @@ class MirrorReplicator:
 
     def _lost_locked(self, reason: str) -> None:
         self._state = LinkState.HELD
-        self._outbox.clear()
+        self._clear_outbox()
         self.reason = f"replication link lost: {reason}"
         self._drop_stream()
         self._cond.notify_all()
         self._on_event({"event": "link_lost", "reason": reason})
 
+    def _clear_outbox(self) -> None:
+        self._outbox.clear()
+        self._outbox_bytes = 0
+        self._urgent = False
+
     def _drop_stream(self) -> None:
         if self._stream is not None:
             self._stream.close()
             self._stream = None
+            self._send_ready.notify_all()
