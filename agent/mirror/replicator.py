@@ -46,7 +46,7 @@ class Replicator(Protocol):
         ...
 
 
-class _Ordered:
+class Ordered:
     """A reusable context manager over a lock: no allocation per mutation on the hot path."""
 
     __slots__ = ("_lock",)
@@ -70,7 +70,7 @@ class LocalReplicator:
     """No peer at all: ops are dropped, waits return at once (FUSE-alone figures, tests)."""
 
     def __init__(self) -> None:
-        self._ordered = _Ordered()
+        self._ordered = Ordered()
         self._seq = 0
 
     def ordered(self) -> AbstractContextManager[None]:

@@ -16,8 +16,8 @@ import queue
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
@@ -35,7 +35,7 @@ from agent.core.mirror_ops import (
 )
 from agent.mirror.journal import Journal
 from agent.mirror.link import LinkClosed, Stream
-from agent.mirror.replicator import WaitPoint
+from agent.mirror.replicator import Ordered, WaitPoint
 
 Mode = Literal["sync", "flush", "async"]
 
@@ -103,7 +103,7 @@ class MirrorReplicator:
         self._on_event = on_event
         self._max_pending = async_max_bytes if mode == "async" else flush_window_bytes
         self._max_age = async_max_age if mode == "async" else float("inf")
-        self._order = threading.Lock()
+        self._order = Ordered()
         lock = threading.Lock()
         self._cond = threading.Condition(lock)  # acks, state changes: what waiters wait for
         self._send_ready = threading.Condition(lock)  # the sender's own: work to send
@@ -139,10 +139,8 @@ class MirrorReplicator:
 
     # --- the Replicator protocol -------------------------------------------------------------
 
-    @contextmanager
-    def ordered(self) -> Iterator[None]:
-        with self._order:
-            yield
+    def ordered(self) -> AbstractContextManager[None]:
+        return self._order
 
     def enqueue(self, op: Op, *, live: bool = True) -> int:
         """`live`: an application's operation (a resync's own are not `live`)."""
