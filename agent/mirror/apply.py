@@ -53,6 +53,9 @@ _libc.renameat2.argtypes = (
 )
 _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 _libc.syncfs.argtypes = (ctypes.c_int,)
+_libc.sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+SYNC_FILE_RANGE_WRITE = 2
+EARLY_WRITEBACK = 256 << 10  # a write this large starts its way to disk at once
 
 
 class ApplyError(Exception):
@@ -257,6 +260,11 @@ class Applier:
                 offset += written
             if op.sync:
                 os.fdatasync(fd)
+            elif len(op.data) >= EARLY_WRITEBACK:
+                # Large writes come in streams ending in an fsync: start writing them back
+                # now (asynchronously), so that fsync finds little left and does not add the
+                # whole stream's disk time after its last byte arrived. Advisory: no error.
+                _libc.sync_file_range(fd, op.offset, len(op.data), SYNC_FILE_RANGE_WRITE)
 
     def _truncate(self, root_fd: int, op: mo.Truncate) -> None:
         with self._writable(root_fd, op.path) as fd:
