@@ -47,15 +47,19 @@ def serve_one(
     return thread, out
 
 
-def test_handshake_then_frames_flow_both_ways(listener: socket.socket) -> None:
+def open_session(listener: socket.socket) -> tuple[link.Stream, link.Stream, link.Hello]:
+    """A client stream connected to a server stream accepted as the agent does, and the HELLO."""
     thread, out = serve_one(listener)
     port = listener.getsockname()[1]
     client = link.connect("127.0.0.1", port, KEY, cluster="c", module="web", node="node1")
     thread.join(5)
-    server = out["stream"]
-    assert isinstance(server, link.Stream)
-    hello = out["hello"]
-    assert isinstance(hello, link.Hello)
+    server, hello = out["stream"], out["hello"]
+    assert isinstance(server, link.Stream) and isinstance(hello, link.Hello)
+    return client, server, hello
+
+
+def test_handshake_then_frames_flow_both_ways(listener: socket.socket) -> None:
+    client, server, hello = open_session(listener)
     assert (hello.cluster, hello.module, hello.node) == ("c", "web", "node1")
     try:
         big = bytes(range(256)) * 4096  # a 1 MiB write goes out without being copied into a frame
@@ -83,12 +87,7 @@ def test_a_client_with_another_key_is_refused(listener: socket.socket) -> None:
 
 
 def test_a_corrupted_frame_ends_the_stream_with_the_reason(listener: socket.socket) -> None:
-    thread, out = serve_one(listener)
-    port = listener.getsockname()[1]
-    client = link.connect("127.0.0.1", port, KEY, cluster="c", module="web", node="node1")
-    thread.join(5)
-    server = out["stream"]
-    assert isinstance(server, link.Stream)
+    client, server, _hello = open_session(listener)
     try:
         frame = bytearray(mf.encode(b"\0" * 32, mf.FrameKind.OP, 1, b"forged write"))
         client.sock.sendall(frame)
@@ -125,12 +124,7 @@ def test_an_unreachable_peer_is_named() -> None:
 def test_bursts_of_frames_of_any_size_arrive_whole_and_in_order(listener: socket.socket) -> None:
     """Frames are cut from one receive buffer: many in one recv, one larger than the buffer,
     and frames split across recvs all come out whole, verified, in order."""
-    thread, out = serve_one(listener)
-    port = listener.getsockname()[1]
-    client = link.connect("127.0.0.1", port, KEY, cluster="c", module="web", node="node1")
-    thread.join(5)
-    server = out["stream"]
-    assert isinstance(server, link.Stream)
+    client, server, _hello = open_session(listener)
     sizes = [0, 1, 4096, 3, link.RECEIVE_BUFFER + 12345, 7, 65536, 1 << 20, 5] + [4096] * 600
     expected = [Write(0, f"f{n}", n, bytes([n % 251]) * size) for n, size in enumerate(sizes)]
     received: list[object] = []
