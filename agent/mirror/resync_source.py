@@ -358,18 +358,6 @@ def _timeless(entries: Iterable[Entry]) -> list[Entry]:
     return [replace(e, mtime_ns=0) for e in entries]
 
 
-def _kind(st: os.stat_result | None) -> str:
-    if st is None:
-        return ""
-    if stat.S_ISDIR(st.st_mode):
-        return "dir"
-    if stat.S_ISREG(st.st_mode):
-        return "file"
-    if stat.S_ISLNK(st.st_mode):
-        return "symlink"
-    return "other"
-
-
 def _xattrs(root_fd: int, path: str) -> list[tuple[str, bytes]]:
     where = f"/proc/self/fd/{root_fd}/{path}" if path else f"/proc/self/fd/{root_fd}"
     try:
