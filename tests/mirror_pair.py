@@ -36,6 +36,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from blake3 import blake3
+
 from agent.keys import generate_key_file, load_key
 from agent.mirror import link
 from tests.lab import (
@@ -719,6 +721,24 @@ class FuseAlone:
             self.proc.wait(timeout=10)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+
+
+def file_digest(path: Path) -> str:
+    """BLAKE3 of a file's content, read in 8 MiB pieces (files of several GiB)."""
+    hasher = blake3()
+    with path.open("rb") as f:
+        while chunk := f.read(8 << 20):
+            hasher.update(chunk)
+    return str(hasher.hexdigest())
+
+
+def assert_same_copies(pair: MirrorPair, names: Sequence[str]) -> None:
+    """The secondary holds exactly the primary's files (else the product is broken)."""
+    for name in names:
+        a, b = pair.primary_dir / name, pair.secondary_dir / name
+        assert file_digest(a) == file_digest(b), (
+            f"{pair.mode}: the secondary's {name} differs from {a}"
+        )
 
 
 def cpu_seconds(pid: int) -> float:

@@ -73,6 +73,11 @@ def bench_runs() -> int:
     return _env_int("BENCH_RUNS", DEFAULT_RUNS, 1, "10")
 
 
+def bench_rounds() -> int:
+    """Rounds of the replication benchmarks, medians taken (env TANDEM_BENCH_ROUNDS, default 3)."""
+    return _env_int("TANDEM_BENCH_ROUNDS", 3, 1, "3")
+
+
 def load_seconds() -> int:
     """How long the false-failover benchmark loads the machine (env BENCH_LOAD_SECONDS)."""
     return _env_int("BENCH_LOAD_SECONDS", DEFAULT_LOAD_SECONDS, 10, "600")
@@ -81,6 +86,7 @@ def load_seconds() -> int:
 def pytest_configure(config: pytest.Config) -> None:
     """Refuse bad settings before anything runs, with the variable and a fix."""
     bench_runs()
+    bench_rounds()
     load_seconds()
 
 
@@ -162,6 +168,28 @@ def wait_until_alone(seconds: int) -> None:
             print(f"other labs still run ({', '.join(sorted(probe.others()))}); measuring anyway")
 
 
+@contextlib.contextmanager
+def watching_neighbours(own: str | None = None) -> Iterator[None]:
+    """While inside, note which other labs run (each report then says so)."""
+    watch = Neighbours(own)
+    watch.start()
+    _NEIGHBOURS.append(watch)
+    try:
+        yield
+    finally:
+        watch.stop()
+        _NEIGHBOURS.remove(watch)
+
+
+@pytest.fixture
+def quiet_host() -> Iterator[None]:
+    """For a benchmark without a lab: wait for other labs to end first (BENCH_WAIT_SECONDS,
+    default 120), then note any that start while it measures."""
+    wait_until_alone(_env_int("BENCH_WAIT_SECONDS", 120, 0, "120"))
+    with watching_neighbours():
+        yield
+
+
 def _remove_cgroups(top: Path) -> None:
     """rmdir a cgroup tree, deepest first (its processes are gone with the lab)."""
     if not top.is_dir():
@@ -191,14 +219,8 @@ def lab(tmp_path: Path, stale_labs_removed: None) -> Iterator[Lab]:
                 own = root / f"tandem-bench-{built.prefix}"
                 own.mkdir()
                 built.private_dirs[str(root)] = own
-            neighbours = Neighbours(built.prefix)
-            neighbours.start()
-            _NEIGHBOURS.append(neighbours)
-            try:
+            with watching_neighbours(built.prefix):
                 yield built
-            finally:
-                neighbours.stop()
-                _NEIGHBOURS.remove(neighbours)
     finally:
         if own is not None:
             _remove_cgroups(own)
@@ -215,6 +237,11 @@ def median(values: Sequence[float]) -> float:
 def ms(seconds: float) -> str:
     """Seconds as milliseconds for a table."""
     return f"{seconds * 1000:.0f} ms"
+
+
+def met(ok: bool) -> str:
+    """A goal's verdict in a report."""
+    return "**met**" if ok else "**missed**"
 
 
 def ratio(value: float, base: float) -> str:

@@ -24,29 +24,21 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from blake3 import blake3
 
-from tests.bench.conftest import (
-    _NEIGHBOURS,
-    Neighbours,
-    _env_int,
-    median,
-    ratio,
-    report,
-    wait_until_alone,
-)
+from tests.bench.conftest import bench_rounds, median, met, ratio, report
 from tests.mirror_pair import (
     FuseAlone,
     MirrorPair,
     PairError,
     SoloMirror,
+    assert_same_copies,
     bench_scale,
     cpu_seconds,
     dd_write,
     small_writes,
 )
 
-pytestmark = pytest.mark.timeout(5400)
+pytestmark = [pytest.mark.timeout(5400), pytest.mark.usefixtures("quiet_host")]
 
 
 def _setting(name: str, default: float, low: float, high: float, example: str) -> float:
@@ -68,7 +60,7 @@ try:
     SCALE = bench_scale()
 except PairError as exc:
     raise pytest.UsageError(str(exc)) from None
-ROUNDS = int(_setting("TANDEM_BENCH_ROUNDS", 3, 1, 50, "e.g. TANDEM_BENCH_ROUNDS=3"))
+ROUNDS = bench_rounds()
 DELAY_MS = _setting("TANDEM_BENCH_DELAY_MS", 0.4, 0, 100, "e.g. TANDEM_BENCH_DELAY_MS=0.4")
 SEQ_MIB = max(16, int(1024 * SCALE))
 SMALL_FILE = 64 << 20
@@ -110,46 +102,8 @@ def rotated(items: list[Target], by: int) -> list[Target]:
     return items[k:] + items[:k]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fewer_neighbours() -> None:
-    """Wait a while for other labs on this host to end (BENCH_WAIT_SECONDS, default 120)."""
-    wait_until_alone(_env_int("BENCH_WAIT_SECONDS", 120, 0, "120"))
-
-
-@pytest.fixture(autouse=True)
-def neighbours() -> Iterator[None]:
-    """Each report says which other labs shared the CPU while it was measured."""
-    watch = Neighbours()
-    watch.start()
-    _NEIGHBOURS.append(watch)
-    try:
-        yield
-    finally:
-        watch.stop()
-        _NEIGHBOURS.remove(watch)
-
-
-def digest(path: Path) -> str:
-    hasher = blake3()
-    with path.open("rb") as f:
-        while chunk := f.read(8 * MIB):
-            hasher.update(chunk)
-    return str(hasher.hexdigest())
-
-
-def check_copies(pair: MirrorPair, names: list[str]) -> None:
-    """The secondary holds exactly the primary's files (else the product is broken)."""
-    for name in names:
-        a, b = pair.primary_dir / name, pair.secondary_dir / name
-        assert digest(a) == digest(b), f"{pair.mode}: the secondary's {name} differs from {a}"
-
-
 def fmt_rate(bps: float) -> str:
     return f"{bps / 1e6:.0f} MB/s"
-
-
-def met(ok: bool) -> str:
-    return "**met**" if ok else "**missed**"
 
 
 @contextlib.contextmanager
@@ -213,7 +167,7 @@ def test_mirror_throughput_bare_veth(tmp_path: Path) -> None:
                 every[target.name].append(target.small(EVERY_64, 64)["ops_per_s"])
                 cpu[target.name].append((target.cpu() - before) / EVERY_64)
         for pair in pairs.values():
-            check_copies(pair, ["big", "small"])
+            assert_same_copies(pair, ["big", "small"])
 
     plain, fuse_name = targets[0].name, targets[1].name
     rtt = median(rtts)
@@ -288,7 +242,7 @@ def test_mirror_throughput_shaped_link(tmp_path: Path) -> None:
             for target in rotated(targets, r):
                 mirrored[target.name].append(target.seq())
         for pair in (sync, flush):
-            check_copies(pair, ["big"])
+            assert_same_copies(pair, ["big"])
     link, saw = median(raw), median(stop_and_wait)
     rows = [
         ["plain TCP transfer (the link's rate)", fmt_rate(link), "1.00×", ""],
@@ -327,7 +281,7 @@ def test_flush_against_sync_with_delay(tmp_path: Path) -> None:
             for target in rotated(targets, r):
                 rates[target.name].append(target.small(DELAYED_64, 64)["ops_per_s"])
         for pair in (sync, flush):
-            check_copies(pair, ["small"])
+            assert_same_copies(pair, ["small"])
     s, f = median(rates["mirrored, sync"]), median(rates["mirrored, flush"])
     added = median(delayed) - median(bare)
     report(

@@ -14,82 +14,33 @@ Sizes scale with TANDEM_BENCH_SCALE (default 1; 0.1 for a quick run); TANDEM_BEN
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from blake3 import blake3
 
-from tests.bench.conftest import (
-    _NEIGHBOURS,
-    Neighbours,
-    _env_int,
-    median,
-    ratio,
-    report,
-    wait_until_alone,
-)
+from tests.bench.conftest import bench_rounds, median, met, ratio, report
 from tests.mirror_pair import (
     MirrorPair,
     PairError,
     PeakRss,
+    assert_same_copies,
     bench_scale,
     dd_write,
     fill,
     scatter,
 )
 
-pytestmark = pytest.mark.timeout(5400)
+pytestmark = [pytest.mark.timeout(5400), pytest.mark.usefixtures("quiet_host")]
 
 try:
     SCALE = bench_scale()
 except PairError as exc:
     raise pytest.UsageError(str(exc)) from None
-_rounds = os.environ.get("TANDEM_BENCH_ROUNDS", "3").strip() or "3"
-if not _rounds.isdigit() or not 1 <= int(_rounds) <= 50:
-    raise pytest.UsageError(f"TANDEM_BENCH_ROUNDS={_rounds!r}: give 1 to 50, e.g. 3")
-ROUNDS = int(_rounds)
+ROUNDS = bench_rounds()
 MIB = 1 << 20
 FILE_BYTES = max(64, int(2048 * SCALE)) * MIB
 RATE_MIB = max(32, int(1024 * SCALE))  # rewritten while alone, then resynced on the shaped link
 CHANGED = 0.01
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fewer_neighbours() -> None:
-    """Wait a while for other labs on this host to end (BENCH_WAIT_SECONDS, default 120)."""
-    wait_until_alone(_env_int("BENCH_WAIT_SECONDS", 120, 0, "120"))
-
-
-@pytest.fixture(autouse=True)
-def neighbours() -> Iterator[None]:
-    """Each report says which other labs shared the CPU while it was measured."""
-    watch = Neighbours()
-    watch.start()
-    _NEIGHBOURS.append(watch)
-    try:
-        yield
-    finally:
-        watch.stop()
-        _NEIGHBOURS.remove(watch)
-
-
-def digest(path: Path) -> str:
-    hasher = blake3()
-    with path.open("rb") as f:
-        while chunk := f.read(8 * MIB):
-            hasher.update(chunk)
-    return str(hasher.hexdigest())
-
-
-def check_copy(pair: MirrorPair, name: str) -> None:
-    a, b = pair.primary_dir / name, pair.secondary_dir / name
-    assert digest(a) == digest(b), f"after the resync the secondary's {name} differs from {a}"
-
-
-def met(ok: bool) -> str:
-    return "**met**" if ok else "**missed**"
 
 
 def seconds(done: dict[str, object]) -> float:
@@ -104,13 +55,13 @@ def test_resync_bytes(tmp_path: Path) -> None:
         pair.connect("none")
         big = pair.primary_mount / "big"
         fill(pair.primary_pid, big, FILE_BYTES)
-        check_copy(pair, "big")
+        assert_same_copies(pair, ["big"])
         for label, run, seed in (("random 4 KiB blocks", 4096, 1), ("1 MiB runs", MIB, 2)):
             pair.alone()
             changed = scatter(pair.primary_pid, big, FILE_BYTES, CHANGED, run, seed)
             done = pair.connect("incremental")
             sent, received = pair.stream_bytes()
-            check_copy(pair, "big")
+            assert_same_copies(pair, ["big"])
             rows.append(
                 [f"incremental, 1% changed in {label}", f"{changed / MIB:.1f} MiB changed",
                  f"{sent / MIB:.2f} MiB", ratio(sent, changed), f"{received / 1024:.0f} KiB",
@@ -119,7 +70,7 @@ def test_resync_bytes(tmp_path: Path) -> None:
         pair.alone()
         done = pair.connect("full")
         sent, received = pair.stream_bytes()
-        check_copy(pair, "big")
+        assert_same_copies(pair, ["big"])
         rows.append(
             ["full, nothing changed", f"{FILE_BYTES / MIB:.0f} MiB held", f"{sent / 1024:.1f} KiB",
              f"{sent / FILE_BYTES * 100:.4f}% of the data", f"{received / 1024:.0f} KiB",
@@ -158,7 +109,7 @@ def test_resync_rate_shaped(tmp_path: Path) -> None:
             sent, _ = pair.stream_bytes()
             rates.append(float(done["done_bytes"]) / took)
             by_bytes.append(sent / took)
-        check_copy(pair, "big")
+        assert_same_copies(pair, ["big"])
     link, rate = median(raw), median(rates)
     report(
         f"Resync rate, {RATE_MIB} MiB rewritten while alone, veth shaped to 1 Gbit/s (tbf)",
