@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import ClusterConfig, ModuleConfig
-from agent.core.generations import Generations, SyncVerdict, compare
+from agent.core.generations import Generations, SyncVerdict, compare, plan_connect
 from agent.core.mirror_ops import paths_of
 from agent.core.states import State
 from agent.logs import log_event
@@ -396,20 +396,19 @@ class ReplicationRuntime:
             # into the journal the resync sends): not before the witness knows of it, or a
             # peer that missed them could still be let in as primary.
             return
-        verdict = self.verdict(peer)
-        quarantine = peer.is_empty  # files found on a never-synced peer are kept, not lost
-        if verdict in (SyncVerdict.SPLIT_BRAIN, SyncVerdict.UNRELATED):
-            if self.keep_resolved(peer_raw) != self.node:
-                return  # reported by observe(); waiting for `tandemctl resolve`
-            quarantine = True
-        elif verdict in (SyncVerdict.INCREMENTAL_FROM_PEER, SyncVerdict.FULL_FROM_PEER):
-            self.problem = "the peer has newer data than this primary"
+        verdict = compare(self.generations, peer)
+        split = verdict in (SyncVerdict.SPLIT_BRAIN, SyncVerdict.UNRELATED)
+        plan = plan_connect(
+            verdict,
+            peer_empty=peer.is_empty,
+            here_pristine=self.pristine,
+            peer_pristine=bool(peer_raw.get("p")),
+            kept_here=split and self.keep_resolved(peer_raw) == self.node,
+        )
+        if plan.problem is not None:
+            self.problem = plan.problem
+        if plan.resync is None:
             return
-        resync = "full"
-        if verdict is SyncVerdict.IN_SYNC and not self.generations.is_empty:
-            resync = "none"
-        elif verdict is SyncVerdict.INCREMENTAL_FROM_LOCAL and self.pristine and peer_raw.get("p"):
-            resync = "incremental"
         # A stream that keeps failing (a full disk on the peer) is retried ever less often.
         self.connect_at = now + min(30.0, RECONNECT_EVERY * 2**self.failed_connects)
         self.failed_connects += 1
@@ -420,9 +419,9 @@ class ReplicationRuntime:
             {
                 "cmd": "connect",
                 "peer": {"address": peer_address, "port": peer_port},
-                "resync": resync,
+                "resync": plan.resync,
                 "done": done,
-                "quarantine": quarantine,
+                "quarantine": plan.quarantine,
             }
         )
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from typing import Literal
 
 EMPTY = 0  # no data history yet (a new cluster)
 HISTORY_LENGTH = 4
@@ -107,3 +108,43 @@ def compare(local: Generations, peer: Generations) -> SyncVerdict:
         return SyncVerdict.FULL_FROM_PEER
     shared = (local.ancestors() | {local.current}) & (peer.ancestors() | {peer.current})
     return SyncVerdict.SPLIT_BRAIN if shared else SyncVerdict.UNRELATED
+
+
+Resync = Literal["none", "incremental", "full"]
+
+
+@dataclass(frozen=True)
+class ConnectPlan:
+    """How a primary starts mirroring to the peer it meets, or why it does not yet."""
+
+    resync: Resync | None  # None: do not connect now
+    quarantine: bool = False  # the peer's differing files are kept aside before the resync
+    problem: str | None = None  # said in status when it does not connect
+
+
+def plan_connect(
+    verdict: SyncVerdict,
+    *,
+    peer_empty: bool,
+    here_pristine: bool,
+    peer_pristine: bool,
+    kept_here: bool,
+) -> ConnectPlan:
+    """A primary meeting its peer: which resync, and whether the peer's files are quarantined.
+
+    `*_pristine`: nothing changed that node's copy outside the mirror since its generation
+    began (a crash while primary, a module stopped there, a step-down all may have), so its
+    generation alone describes it. `kept_here`: an administrator or a split-brain policy
+    chose this node's data.
+    """
+    if verdict in (SyncVerdict.INCREMENTAL_FROM_PEER, SyncVerdict.FULL_FROM_PEER):
+        return ConnectPlan(None, problem="the peer has newer data than this primary")
+    if verdict in (SyncVerdict.SPLIT_BRAIN, SyncVerdict.UNRELATED):
+        # Reported by the split-brain observer; nothing moves until one side is chosen.
+        return ConnectPlan("full", quarantine=True) if kept_here else ConnectPlan(None)
+    # Files found on a never-synced peer are kept, not lost.
+    if verdict is SyncVerdict.IN_SYNC:
+        return ConnectPlan("none", quarantine=peer_empty)
+    if verdict is SyncVerdict.INCREMENTAL_FROM_LOCAL and here_pristine and peer_pristine:
+        return ConnectPlan("incremental", quarantine=peer_empty)
+    return ConnectPlan("full", quarantine=peer_empty)

@@ -15,7 +15,14 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from agent.core.generations import EMPTY, Generations, SyncVerdict, compare
+from agent.core.generations import (
+    EMPTY,
+    ConnectPlan,
+    Generations,
+    SyncVerdict,
+    compare,
+    plan_connect,
+)
 
 FROM_LOCAL = {SyncVerdict.INCREMENTAL_FROM_LOCAL, SyncVerdict.FULL_FROM_LOCAL}
 FROM_PEER = {SyncVerdict.INCREMENTAL_FROM_PEER, SyncVerdict.FULL_FROM_PEER}
@@ -163,3 +170,52 @@ class Pair(RuleBasedStateMachine):
 
 Pair.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
 TestPair = Pair.TestCase
+
+
+# --- plan_connect: every verdict with every flag --------------------------------------------
+
+SPLITS = {SyncVerdict.SPLIT_BRAIN, SyncVerdict.UNRELATED}
+FLAGS = list(itertools.product([False, True], repeat=4))
+
+
+@pytest.mark.parametrize("verdict", list(SyncVerdict))
+@pytest.mark.parametrize(("peer_empty", "here_pristine", "peer_pristine", "kept_here"), FLAGS)
+def test_a_primary_connects_only_when_nothing_can_be_lost_and_keeps_what_it_overwrites(
+    verdict: SyncVerdict,
+    peer_empty: bool,
+    here_pristine: bool,
+    peer_pristine: bool,
+    kept_here: bool,
+) -> None:
+    plan = plan_connect(
+        verdict,
+        peer_empty=peer_empty,
+        here_pristine=here_pristine,
+        peer_pristine=peer_pristine,
+        kept_here=kept_here,
+    )
+    if verdict in FROM_PEER:
+        # The peer holds writes this primary lacks: overwriting them would lose them.
+        assert plan.resync is None and plan.problem is not None
+        return
+    assert plan.problem is None
+    if verdict in SPLITS:
+        # Nothing moves until one side is chosen; then the other side's files are kept aside.
+        assert plan == (ConnectPlan("full", quarantine=True) if kept_here else ConnectPlan(None))
+        return
+    assert plan.resync is not None
+    # A journal describes the difference only if neither copy changed outside the mirror.
+    assert (plan.resync == "incremental") == (
+        verdict is SyncVerdict.INCREMENTAL_FROM_LOCAL and here_pristine and peer_pristine
+    )
+    assert (plan.resync == "none") == (verdict is SyncVerdict.IN_SYNC)
+    # Files found on a peer with no generation were never mirrored: kept, not overwritten.
+    assert plan.quarantine == peer_empty
+
+
+def test_the_first_meeting_keeps_the_new_secondary_files_aside() -> None:
+    verdict = compare(Generations(), Generations())
+    plan = plan_connect(
+        verdict, peer_empty=True, here_pristine=True, peer_pristine=True, kept_here=False
+    )
+    assert plan == ConnectPlan("full", quarantine=True)
