@@ -6,30 +6,9 @@
 #                    their sum below the module's service.stop_timeout   (default 15)
 set -eu
 
-PGDATA="${PGDATA:-/srv/tandem-pg/data}"
-PG_USER="${PG_USER:-postgres}"
+ACTION=stop
+. "$(dirname "$0")/common.sh"
 PG_STOP_TIMEOUT="${PG_STOP_TIMEOUT:-15}"
-
-if [ -z "${PG_BIN:-}" ]; then
-    PG_BIN="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)"
-    if [ -z "$PG_BIN" ]; then
-        found="$(command -v pg_ctl || true)"
-        [ -n "$found" ] || { echo "postgresql stop: no PostgreSQL binaries found; set PG_BIN" >&2; exit 1; }
-        PG_BIN="$(dirname "$found")"
-    fi
-fi
-cd /
-
-# As in start.sh: only a postgres process of this network namespace working in PGDATA.
-server_pid() {
-    [ -r "$PGDATA/postmaster.pid" ] || return 1
-    found="$(head -n 1 "$PGDATA/postmaster.pid" 2>/dev/null || true)"
-    case "$found" in '' | *[!0-9]*) return 1 ;; esac
-    [ "$(cat "/proc/$found/comm" 2>/dev/null)" = postgres ] || return 1
-    [ "$(readlink "/proc/$found/ns/net" 2>/dev/null)" = "$(readlink /proc/self/ns/net)" ] || return 1
-    [ "$(readlink "/proc/$found/cwd" 2>/dev/null)" = "$(cd "$PGDATA" && pwd -P)" ] || return 1
-    echo "$found"
-}
 
 if ! pid="$(server_pid)"; then
     echo "postgresql not running"
