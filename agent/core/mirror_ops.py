@@ -238,6 +238,20 @@ def durable(op: Op) -> bool:
     return isinstance(op, Fsync) or (isinstance(op, Write) and op.sync)
 
 
+def split_write(
+    root: int, path: str, offset: int, data: Buffer, sync: bool, limit: int
+) -> list[Write]:
+    """One application write as frames of at most `limit` bytes (at least one, even empty):
+    the peer applies each while the next crosses the link. O_SYNC/O_DSYNC (`sync`): durable
+    with the last one, which the peer applies after all the others."""
+    starts = range(0, max(len(data), 1), limit)
+    last = starts[-1]
+    return [
+        Write(root, path, offset + start, data[start : start + limit], sync and start == last)
+        for start in starts
+    ]
+
+
 def paths_of(op: Op) -> tuple[str, ...]:
     """Every path an operation touches (both names of a rename or link)."""
     if isinstance(op, Rename | Link):

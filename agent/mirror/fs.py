@@ -49,6 +49,7 @@ from agent.core.mirror_ops import (
     Unlink,
     Utimens,
     Write,
+    split_write,
 )
 from agent.mirror.excludes import Excludes
 from agent.mirror.replicator import Replicator, WaitPoint
@@ -301,23 +302,21 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
                 return os.pwrite(fh, data, offset)
             # Enqueued before the local write, so the peer works on its copy meanwhile; a
             # local write that falls short is mended on the peer in the same ordered step.
-            # A large write travels as several frames: the peer checks and applies each while
-            # the next one crosses the link. O_SYNC/O_DSYNC: durable with the last one.
-            ticket = 0
-            last = max(len(data) - 1, 0) // FRAME_DATA * FRAME_DATA
-            for start in range(0, last + 1, FRAME_DATA):
-                piece = data[start : start + FRAME_DATA]
-                sync = handle.sync and start == last
-                ticket = self._enqueue(Write(self.root, rel, offset + start, piece, sync))
+            for piece in split_write(self.root, rel, offset, data, handle.sync, FRAME_DATA):
+                ticket = self._enqueue(piece)
+            failed: OSError | None = None
             try:
                 written = os.pwrite(fh, data, offset)
-            except OSError:
-                self._mend(rel, offset, len(data), 0)
-                raise
+            except OSError as exc:
+                failed, written = exc, 0
             if written != len(data):
                 ticket = self._mend(rel, offset, len(data), written) or ticket
         handle.last = ticket
+        # Waited for even when the local write failed: the frames sent lend this request's
+        # buffer, which must outlive them.
         self._rep.wait(ticket, WaitPoint.DURABLE if handle.sync else WaitPoint.WRITE)
+        if failed is not None:
+            raise failed
         return written
 
     def _mend(self, rel: str, offset: int, size: int, written: int) -> int:

@@ -24,6 +24,7 @@ from agent.core.mirror_ops import (
     encode_op_parts,
     paths_of,
     payload_bytes,
+    split_write,
 )
 
 # Any Linux file name: arbitrary bytes but NUL and "/", carried as surrogateescape text.
@@ -102,3 +103,14 @@ def test_what_the_sender_needs_to_know_of_an_operation() -> None:
     assert not durable(Write(0, "a", 0, b"x"))
     assert paths_of(Rename(0, "a", "b")) == ("a", "b") == paths_of(Link(0, "a", "b"))
     assert payload_bytes(Write(0, "a", 0, b"xyz")) == 3 and payload_bytes(Fsync(0, "a")) == 0
+
+
+@given(st.binary(max_size=3000), st.integers(0, 2**40), st.booleans(), st.integers(1, 700))
+def test_a_write_split_into_frames_covers_it_exactly_and_is_durable_with_its_last(
+    data: bytes, offset: int, sync: bool, limit: int
+) -> None:
+    pieces = split_write(0, "f", offset, data, sync, limit)
+    assert b"".join(bytes(p.data) for p in pieces) == data
+    assert all(0 < len(p.data) <= limit for p in pieces) or data == b""
+    assert [p.offset for p in pieces] == [offset + i * limit for i in range(len(pieces))]
+    assert [p.sync for p in pieces] == [False] * (len(pieces) - 1) + [sync]
