@@ -11,6 +11,7 @@ because only the agent knows whether the witness still lets it serve.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import queue
 import threading
@@ -194,8 +195,18 @@ class MirrorReplicator:
         self._outbox_bytes += size
         if first:
             self._outbox_since = time.monotonic()
-        if first or self.mode == "sync" or self._urgent or self._outbox_bytes >= COALESCE_BYTES:
+        if first or self._due():
             self._send_ready.notify()
+
+    def _due(self) -> bool:
+        """The queued ops leave now (lock held): in sync mode always; in flush and async mode
+        once they are old or large enough, or someone waits for them."""
+        return (
+            self.mode == "sync"
+            or self._urgent
+            or self._outbox_bytes >= COALESCE_BYTES
+            or time.monotonic() - self._outbox_since >= COALESCE_SECONDS
+        )
 
     def _hurry(self) -> None:
         """Someone is about to wait for an ack (lock held): what is queued leaves now."""
@@ -312,7 +323,9 @@ class MirrorReplicator:
             self._cond.notify_all()
 
     def attach(self, stream: Stream) -> None:
-        """Start streaming: everything enqueued from now on goes to the peer."""
+        """Start streaming: everything enqueued from now on goes to the peer (call under
+        ordered())."""
+        self._journal_settled()
         with self._cond:
             self._stream = stream
             self._state = LinkState.CONNECTED
@@ -344,6 +357,20 @@ class MirrorReplicator:
 
     def step_down(self, reason: str) -> None:
         """The agent must not serve: held waits fail, nothing unmirrored is acknowledged."""
+        with self._order:
+            self._journal_settled()
+            self._step_down(reason)
+
+    def _journal_settled(self) -> None:
+        """Leaving ALONE (ordered() held, so nothing is being journalled): a write journalled
+        whose waiter has not looked at the state yet will see another state and not wait for
+        its record, so every record is made durable first. A journal that cannot is untrusted
+        from then on, and a full resync carries those writes."""
+        if self._state is LinkState.ALONE:
+            with contextlib.suppress(OSError):
+                self.journal.wait_durable(self._journal_ticket)
+
+    def _step_down(self, reason: str) -> None:
         with self._cond:
             self._state = LinkState.DOWN
             self.reason = reason
@@ -378,15 +405,11 @@ class MirrorReplicator:
             with self._cond:
                 while self._stream is stream:
                     if self._outbox:
-                        age = time.monotonic() - self._outbox_since
-                        if (
-                            self.mode == "sync"
-                            or self._urgent
-                            or self._outbox_bytes >= COALESCE_BYTES
-                            or age >= COALESCE_SECONDS
-                        ):
+                        if self._due():
                             break
-                        self._send_ready.wait(COALESCE_SECONDS - age)
+                        self._send_ready.wait(
+                            COALESCE_SECONDS - (time.monotonic() - self._outbox_since)
+                        )
                     else:
                         self._send_ready.wait(0.5)
                         self._check_overdue()
@@ -409,7 +432,7 @@ class MirrorReplicator:
                 self._sending += 1
             try:
                 stream.send_frames(batch)
-            except LinkClosed as exc:
+            except (LinkClosed, ValueError) as exc:  # ValueError: a frame over the size limit
                 self._lost(stream, str(exc))
                 return
             finally:
