@@ -10,6 +10,7 @@ replicated directory, never by following a path an application could swap.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import stat
@@ -18,6 +19,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from agent.mirror.beneath import EscapeError, check_relative, parent_beneath
+
+GONE = (errno.ENOENT, errno.ENOTDIR)  # removed meanwhile: nothing left to keep
 
 
 def new_directory(base: Path, module: str) -> Path:
@@ -35,7 +38,9 @@ def new_directory(base: Path, module: str) -> Path:
 def save(root_fd: int, paths: Iterable[str], dest: Path) -> tuple[int, int]:
     """Copy each path (file, symlink, directory entry) from beneath `root_fd` into `dest`.
 
-    Returns (entries saved, bytes saved). Paths gone meanwhile are skipped.
+    Returns (entries saved, bytes saved). Paths gone meanwhile are skipped; any other failure
+    (a full disk, an I/O error) raises OSError naming the path, so the resync that would
+    replace them does not go ahead with them unsaved.
     """
     count = 0
     total = 0
@@ -49,11 +54,19 @@ def save(root_fd: int, paths: Iterable[str], dest: Path) -> tuple[int, int]:
         try:
             # The parent is opened beneath the root: a symlinked directory cannot lead out.
             parent, name = parent_beneath(root_fd, path)
-        except (EscapeError, OSError):
+        except EscapeError:
             continue
+        except OSError as exc:
+            if exc.errno in GONE:
+                continue
+            raise OSError(exc.errno, f"cannot keep {path} in quarantine: {exc.strerror}") from None
         try:
             saved = _save_one(parent, name, dest / path)
-        except OSError:
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # the source removed meanwhile; else a real failure
+                raise OSError(
+                    exc.errno, f"cannot keep {path} in quarantine: {exc.strerror}"
+                ) from None
             saved = None
         finally:
             os.close(parent)

@@ -98,8 +98,20 @@ class Receiver:
         elif kind == "resync_strict":
             self.resyncing = False
         elif kind == "quarantine" and self._quarantine is not None:
-            # In stream order, before the resync overwrites or removes any of them.
-            self._quarantine(int(message["root"]), [str(p) for p in message["paths"]])
+            root, paths = message.get("root"), message.get("paths")
+            if not (
+                isinstance(root, int)
+                and 0 <= root < len(self.root_fds)
+                and isinstance(paths, list)
+                and all(isinstance(p, str) for p in paths)
+            ):
+                raise mf.StreamError("malformed quarantine request")
+            # In stream order, before the resync overwrites or removes any of them; a file
+            # that cannot be kept stops the resync (nothing is discarded silently).
+            try:
+                self._quarantine(root, paths)
+            except OSError as exc:
+                raise ApplyError(str(exc), exc.errno) from None
         else:
             if kind == "resync_done":
                 self.resyncing = False
