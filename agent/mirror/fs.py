@@ -773,8 +773,8 @@ class MirrorMount:
         try:
             self._thread.start()
             self._await_mount(before, timeout)
-            os.fchdir(cwd)
         finally:
+            os.fchdir(cwd)
             os.close(cwd)
 
     def _await_mount(self, before: dict[int, str], timeout: float) -> None:

@@ -143,6 +143,11 @@ class MirrorProcess:
         if self.receiver_thread is not None and self.receiver is not None:
             self.receiver.stream.close()  # a primary still sending must not write under us
             self.receiver_thread.join(10)
+            if self.receiver_thread.is_alive():
+                # Still applying (a stuck disk): its descriptors must not be closed and reused
+                # under it. The agent reports this and does not serve here.
+                self.event({"event": "promote_failed", "reason": "the receiver is still applying"})
+                return
         for path in self.bound:
             subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
         self.bound = []
