@@ -410,7 +410,7 @@ class ReplicationRuntime:
         if plan.resync is None:
             return
         # A stream that keeps failing (a full disk on the peer) is retried ever less often.
-        self.connect_at = now + min(30.0, RECONNECT_EVERY * 2**self.failed_connects)
+        self.connect_at = now + min(30.0, RECONNECT_EVERY * 2 ** min(self.failed_connects, 8))
         self.failed_connects += 1
         self.connecting = True
         g = self.generations.after_resync_as_source()
@@ -432,8 +432,8 @@ class ReplicationRuntime:
         mine = self.resolve_keep
         theirs = peer_raw.get("rk") if isinstance(peer_raw, dict) else None
         if isinstance(theirs, list) and len(theirs) == 2:
-            node, at = theirs
-            if mine is None or float(at) > mine[1]:
+            node, at = theirs[0], _number(theirs[1])
+            if mine is None or at > mine[1]:
                 return str(node)
         if mine is not None:
             return mine[0]
@@ -447,11 +447,11 @@ class ReplicationRuntime:
         peer_node = self.peer_name
         if policy == "discard-younger-primary":
             # The node that became primary first served the clients longest: keep it.
-            mine, theirs = self.primary_since, float(peer_raw.get("ps") or 0.0)
+            mine, theirs = self.primary_since, _number(peer_raw.get("ps"))
             if mine and theirs and mine != theirs:
                 return self.node if mine < theirs else peer_node
             return None
-        mine_changes, their_changes = self.change_count(), int(peer_raw.get("jc") or 0)
+        mine_changes, their_changes = self.change_count(), int(_number(peer_raw.get("jc")))
         if mine_changes == their_changes:
             return None
         return self.node if mine_changes > their_changes else peer_node
@@ -459,7 +459,9 @@ class ReplicationRuntime:
     def observe(self, peer_raw: Any, serving: bool) -> None:
         """Every tick, on both sides: report a split brain (once), clear it when it is over."""
         peer = self.peer_generations(peer_raw) if isinstance(peer_raw, dict) else None
-        verdict = self.verdict(peer)
+        if peer is None:
+            return  # the peer unheard: a split brain reported (and its resolve) stands
+        verdict = compare(self.generations, peer)
         split = verdict in (SyncVerdict.SPLIT_BRAIN, SyncVerdict.UNRELATED)
         if not split:
             if self.split_reported:
@@ -601,3 +603,10 @@ class ReplicationRuntime:
 
 
 __all__ = ["MirrorError", "ReplicationRuntime"]
+
+
+def _number(value: Any) -> float:
+    """A number from the peer's heartbeat; 0 for anything else (another release, damage)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    return float(value)
