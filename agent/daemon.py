@@ -306,10 +306,7 @@ class Agent:
         and keep the peer hearing us, so it waits for our `leaving` instead of timing out."""
         while True:
             if self.guard is not None and self.guard.alive():
-                self.guard.feed(
-                    [m.vip for m in self.modules.values() if m.vip is not None],
-                    [(self.node.name, name) for name in self.modules],
-                )
+                self.feed_guard()
             if self.links is not None:
                 self.links.send(self.payload())
             await asyncio.sleep(self.interval)
@@ -452,10 +449,15 @@ class Agent:
                 self.store.add_event("guard", "fence guard died: starting a new one")
                 self.guard_task = asyncio.create_task(self.respawn_guard())
             else:
-                self.guard.feed(
-                    [m.vip for m in self.modules.values() if m.vip is not None],
-                    [(self.node.name, name) for name in self.modules],
-                )
+                self.feed_guard()
+
+    def feed_guard(self) -> None:
+        """Tell the guard we live, and what to remove and kill if we stop doing so."""
+        assert self.guard is not None
+        self.guard.feed(
+            [m.vip for m in self.modules.values() if m.vip is not None],
+            [(self.node.name, name) for name in self.modules],
+        )
 
     # -- replication -------------------------------------------------------------------------
 
@@ -559,6 +561,10 @@ class Agent:
                 module=module,
                 accepted=False,
                 reason=f"verify runs on the primary while it mirrors (try {where})",
+            )
+        if r.verify_waiter is not None:
+            return DataResult(
+                module=module, accepted=False, reason="a verify of this module is already running"
             )
         loop = asyncio.get_running_loop()
         r.verify_waiter = loop.create_future()
@@ -732,8 +738,9 @@ class Agent:
                 self.wake.set()
             elif verdict.granted:
                 m.lease.refusal = None
-                if m.replication is not None:
-                    m.replication.witness_generation = verdict.generation
+                r = m.replication
+                if r is not None and r.witness_generation != verdict.generation:
+                    r.witness_generation = verdict.generation
                     self.wake.set()  # writes held for this confirmation may go on now
                 # Our lease ends `duration` after we sent the request; the witness counts
                 # from when it received it, later. One interval of margin on top.
@@ -744,7 +751,8 @@ class Agent:
             else:
                 m.lease.valid_until = 0.0
                 m.lease.holder = verdict.holder
-                outdated = verdict.generation not in (0, self.generation(m))
+                # Judged on the generation this request carried, not one read since.
+                outdated = verdict.generation not in (0, item.generation)
                 m.lease.refusal = verdict.reason if verdict.holder is None and outdated else None
                 if item.action == "acquire":
                     # Ask again the moment the holder's lease runs out at the witness.
