@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -20,6 +21,7 @@ from agent.mirror.journal import Journal
 from agent.mirror.receiver import Receiver
 from agent.mirror.replicator import WaitPoint
 from agent.mirror.sender import LinkState, MirrorReplicator
+from tests.lab import wait_for
 
 KEY = bytes(range(32))
 
@@ -35,6 +37,7 @@ class Pair:
     gate: threading.Event = field(default_factory=threading.Event)  # clear: the receiver stalls
 
 
+@contextlib.contextmanager
 def start_pair(tmp_path: Path, mode: str, ack_timeout: float = 30.0) -> Iterator[Pair]:
     target = tmp_path / "target"
     target.mkdir()
@@ -52,20 +55,19 @@ def start_pair(tmp_path: Path, mode: str, ack_timeout: float = 30.0) -> Iterator
     pair.gate.set()
     server = socket.create_server(("127.0.0.1", 0))
     root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
-    applier = Applier([root_fd])
 
     class GatedApplier(Applier):
         def apply(self, op: Any) -> None:
             pair.gate.wait(30)
-            applier.apply(op)
+            super().apply(op)
+
+    applier = GatedApplier([root_fd])
 
     def serve() -> None:
         conn, _ = server.accept()
         hello = link.read_hello(conn, KEY)
         stream = link.accept(conn, hello, KEY, "node2")
-        Receiver(
-            stream, GatedApplier([root_fd]), [root_fd], pair.receiver_events.append, [None]
-        ).run()
+        Receiver(stream, applier, [root_fd], pair.receiver_events.append, [None]).run()
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -86,12 +88,14 @@ def start_pair(tmp_path: Path, mode: str, ack_timeout: float = 30.0) -> Iterator
 
 @pytest.fixture
 def sync_pair(tmp_path: Path) -> Iterator[Pair]:
-    yield from start_pair(tmp_path, "sync")
+    with start_pair(tmp_path, "sync") as pair:
+        yield pair
 
 
 @pytest.fixture
 def flush_pair(tmp_path: Path) -> Iterator[Pair]:
-    yield from start_pair(tmp_path, "flush")
+    with start_pair(tmp_path, "flush") as pair:
+        yield pair
 
 
 def write(pair: Pair, op: Any, point: WaitPoint = WaitPoint.WRITE) -> threading.Thread:
@@ -157,21 +161,24 @@ def test_held_writes_fail_with_eio_when_the_primary_steps_down(sync_pair: Pair) 
     sync_pair.gate.clear()
     held = write(sync_pair, Write(0, "f", 0, b"never acknowledged"))
     held.join(0.5)
+    assert held.is_alive(), "held: the secondary has not applied it"
     sync_pair.replicator.step_down("no witness lease")
     held.join(10)
     assert {"event": "app_error", "errno": errno.EIO} in sync_pair.events
 
 
 def test_an_overdue_ack_holds_writes_and_tells_the_agent(tmp_path: Path) -> None:
-    for pair in start_pair(tmp_path, "sync", ack_timeout=0.5):
+    with start_pair(tmp_path, "sync", ack_timeout=0.5) as pair:
         write(pair, Create(0, "f", 0o644, 0, 0)).join(10)
         pair.gate.clear()
         held = write(pair, Write(0, "f", 0, b"late"))
-        held.join(3)
-        assert held.is_alive(), "held until the agent decides"
-        assert any(
-            e["event"] == "link_lost" and "acknowledgement" in e["reason"] for e in pair.events
+        assert wait_for(
+            lambda: any(
+                e["event"] == "link_lost" and "acknowledgement" in e["reason"] for e in pair.events
+            ),
+            10,
         )
+        assert held.is_alive(), "held until the agent decides"
         assert pair.replicator.state is LinkState.HELD
         pair.replicator.go_alone("ack timeout")
         held.join(10)
