@@ -23,7 +23,6 @@ import json
 import os
 import re
 import secrets
-import shlex
 import signal
 import socket
 import statistics
@@ -43,9 +42,9 @@ from agent.mirror import link
 from tests.lab import (
     LabError,
     _proc_start,
+    _run,
     delete_netns,
     netns_socket,
-    wait_for,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,20 +62,8 @@ RESYNCS = ("none", "incremental", "full")
 _NAME = re.compile(r"^tmp[0-9a-f]{6}-(p|s)$")
 
 
-class PairError(Exception):
+class PairError(LabError):
     """The pair could not be built, driven or removed; the message says what and why."""
-
-
-def _run(argv: Sequence[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    try:
-        done = subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=timeout, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise PairError(f"`{shlex.join(argv)}` failed: {exc}") from None
-    if done.returncode != 0:
-        raise PairError(f"`{shlex.join(argv)}` exited {done.returncode}: {done.stderr.strip()}")
-    return done
 
 
 def cleanup_stale() -> list[str]:
@@ -236,7 +223,6 @@ def _spec(
     state: Path,
     mode: str,
     ack_timeout: float,
-    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "module": "bench",
@@ -249,7 +235,6 @@ def _spec(
         "state_dir": str(state / "mirror"),
         "quarantine_dir": str(state / "quarantine"),
         "key_file": str(key_file),
-        **(extra or {}),
     }
 
 
@@ -280,7 +265,6 @@ class MirrorPair:
         shaped: str | None = None,
         delay_ms: float | None = None,
         ack_timeout: float = 60.0,
-        spec_extra: dict[str, Any] | None = None,
     ) -> None:
         _check_choice("mode", mode, MODES)
         if delay_ms is not None and delay_ms < 0:
@@ -302,17 +286,16 @@ class MirrorPair:
         self._listener: socket.socket | None = None
         self._acceptor: threading.Thread | None = None
         self._stopping = threading.Event()
-        self.refused: list[str] = []
         self._closed = False
         try:
-            self._build(shaped, ack_timeout, spec_extra or {})
+            self._build(shaped, ack_timeout)
         except BaseException:
             self.close()
             raise
 
     # --- building and removing ----------------------------------------------------------------
 
-    def _build(self, shaped: str | None, ack_timeout: float, extra: dict[str, Any]) -> None:
+    def _build(self, shaped: str | None, ack_timeout: float) -> None:
         cleanup_stale()
         REGISTRY.mkdir(parents=True, exist_ok=True)
         start = _proc_start(os.getpid())
@@ -341,7 +324,7 @@ class MirrorPair:
         self._key = load_key(self.key_file)
         self.secondary = MirrorProcess(
             _spec("secondary", "node2", self.secondary_dir, self.key_file,
-                  self.base / "secondary", self.mode, ack_timeout, extra),
+                  self.base / "secondary", self.mode, ack_timeout),
             ["ip", "netns", "exec", self.ns_secondary],
             self.base / "secondary.log",
         )  # fmt: skip
@@ -353,7 +336,7 @@ class MirrorPair:
             )
         self.primary = MirrorProcess(
             _spec("primary", "node1", self.primary_dir, self.key_file,
-                  self.base / "primary", self.mode, ack_timeout, extra),
+                  self.base / "primary", self.mode, ack_timeout),
             ["ip", "netns", "exec", self.ns_primary],
             self.base / "primary.log",
         )  # fmt: skip
@@ -429,8 +412,7 @@ class MirrorPair:
                     self.secondary.send(
                         {"cmd": "accept", "hello": hello.raw.hex()}, fds=(conn.fileno(),)
                     )
-                except Exception as exc:  # a stand-in agent: report, never die
-                    self.refused.append(str(exc))
+                except Exception as exc:  # a stand-in agent: the primary logs why, never die
                     link.refuse(conn, self._key, str(exc))
 
     # --- driving the primary ------------------------------------------------------------------
@@ -442,7 +424,7 @@ class MirrorPair:
 
     @property
     def primary_mount(self) -> Path:
-        """Where writers write: this path inside the primary's mount namespace (run_in_primary)."""
+        """Where writers write: this path inside the primary's mount namespace."""
         return self.primary_dir
 
     def peer(self) -> tuple[str, int]:
@@ -476,12 +458,6 @@ class MirrorPair:
         assert self.primary is not None
         return self.primary.since(since, "figures")
 
-    def run_in_primary(
-        self, argv: Sequence[str], timeout: float = 3600
-    ) -> subprocess.CompletedProcess[str]:
-        """Run a writer in the primary's mount namespace (where the FUSE mount is)."""
-        return _run(["nsenter", "-t", str(self.primary_pid), "-m", "--", *argv], timeout)
-
     # --- the link ----------------------------------------------------------------------------
 
     def shape(self, rate: str = "1gbit") -> None:
@@ -489,15 +465,6 @@ class MirrorPair:
         for ns in (self.ns_primary, self.ns_secondary):
             _run(["tc", "-n", ns, "qdisc", "replace", "dev", "eth0", "root", "tbf",
                   "rate", rate, *TBF])  # fmt: skip
-
-    def unshape(self) -> None:
-        """Remove the rate limit."""
-        for ns in (self.ns_primary, self.ns_secondary):
-            subprocess.run(
-                ["tc", "-n", ns, "qdisc", "del", "dev", "eth0", "root"],
-                capture_output=True,
-                check=False,
-            )
 
     def _start_proxy(
         self, port: int, target: tuple[str, int], delay_ms: float
@@ -782,13 +749,7 @@ def run_in_mount_ns(
 ) -> subprocess.CompletedProcess[str]:
     """Run `argv` in the mount namespace of `pid` (None: here); PairError if it fails."""
     prefix = [] if pid is None else ["nsenter", "-t", str(pid), "-m", "--"]
-    return _run([*prefix, *argv], timeout)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll `predicate` until true; PairError naming `what` if it never is."""
-    if not wait_for(predicate, timeout):
-        raise PairError(f"{what}: not within {timeout:g} s")
+    return _run([*prefix, *argv], timeout=timeout)
 
 
 # --- workloads (writers run where a mount is seen: pid None = here) ----------------------------
