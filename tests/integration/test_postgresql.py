@@ -116,15 +116,6 @@ def last_shutdown(lab: Lab, node: str) -> str:
     return text[at:] if at >= 0 else ""
 
 
-def in_sync(cluster: Cluster, node: str) -> bool:
-    module = cluster.module(node, MODULE)
-    return (
-        module is not None
-        and module["state"] == "SECOND"
-        and bool(module.get("replication", {}).get("in_sync"))
-    )
-
-
 def wait_answers(cluster: Cluster, timeout: float) -> None:
     """Wait until PostgreSQL answers a query through the VIP."""
     cluster.wait_until(
@@ -161,7 +152,7 @@ def wait_healthy_pair(cluster: Cluster) -> None:
     """node1 serves PostgreSQL (initdb on the first start), node2 is an in-sync secondary."""
     cluster.wait_state("node1", "PRIM", MODULE, timeout=150)
     cluster.wait_state("node2", "SECOND", MODULE, timeout=60)
-    cluster.wait_until("node2 is an in-sync secondary", lambda: in_sync(cluster, "node2"), 120)
+    cluster.wait_in_sync("node2", MODULE, 120)
     wait_answers(cluster, 60)
 
 
@@ -294,7 +285,7 @@ def test_pgbench_commits_survive_the_primary_losing_power(lab: Lab, cluster: Clu
     # The old primary returns, resyncs while node2 serves, and its copy is a working database.
     lab.power_on("node1")
     cluster.start_agent("node1")
-    cluster.wait_until("node1 is an in-sync secondary", lambda: in_sync(cluster, "node1"), 120)
+    cluster.wait_in_sync("node1", MODULE, 120)
     resynced = time.monotonic()
     # Back to node1: its resynced copy must be a working database holding the same rows.
     query(cluster, "INSERT INTO ledger(id, client, n) VALUES (-1, -1, 1)")

@@ -123,9 +123,8 @@ class Writer:
         self.paused.clear()
 
 
-def assert_all_acked_present(
-    lab: Lab, node: str, writer: Writer, cluster: Cluster | None = None
-) -> None:
+def assert_all_acked_present(cluster: Cluster, node: str, writer: Writer) -> None:
+    lab = cluster.lab
     present = set(records_on(lab, node).values())
     missing = [text for text in list(writer.acked) if text not in present]
     if not missing:
@@ -134,11 +133,7 @@ def assert_all_acked_present(
         f"{text} (seq {writer.acked[text]}) acknowledged by {writer.by.get(text)}"
         for text in missing[:5]
     ]
-    logs = (
-        ""
-        if cluster is None
-        else f"\n--- node1 ---\n{cluster.log('node1')}\n--- node2 ---\n{cluster.log('node2')}"
-    )
+    logs = f"\n--- node1 ---\n{cluster.log('node1')}\n--- node2 ---\n{cluster.log('node2')}"
     tail = (data_dir(lab, node) / "records.log").read_bytes()[-600:]
     raise AssertionError(
         f"{len(missing)} acknowledged records missing on {node} (now {time.monotonic():.3f}): "
@@ -185,7 +180,7 @@ def test_no_acknowledged_record_is_lost_through_power_losses_and_agent_kills(
                 os.kill(cluster.agent_pid(primary), 9)
             cluster.wait_state(standby, ("ALONE", "PRIM"), timeout=30)
             writer.pause()
-            assert_all_acked_present(lab, standby, writer, cluster)
+            assert_all_acked_present(cluster, standby, writer)
             writer.resume()
             if power_loss:
                 lab.power_on(primary)
