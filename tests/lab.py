@@ -858,35 +858,33 @@ class Lab:
         The rules sit on the bridge, not in the node: a drop in the node's output hook
         would fail the agent's sendto() with EPERM, which no real network does.
         """
-        member = self._node(node)
-        ports = [self._port(node, n) for n in (member.networks if nets is None else nets)]
-        hb = self.heartbeat_port
-        rules = "".join(
-            f'    {way} "{port}" udp {end} {hb} drop\n'
-            for port in ports
-            for way in ("iifname", "oifname")
-            for end in ("sport", "dport")
-        )
-        table = f"tandem_lab_hb_{member.short}"
-        self.nft(
-            "lan",
-            f"add table bridge {table}\ndelete table bridge {table}\n"
-            f"table bridge {table} {{\n"
-            f"  chain forward {{\n    type filter hook forward priority 0; policy accept;\n"
-            f"{rules}  }}\n}}\n",
-        )
+        self._bridge_drop(node, "hb", "udp", self.heartbeat_port, nets)
+
+    def restore_heartbeats(self, node: str) -> None:
+        """Let the node's heartbeats pass again."""
+        self._bridge_clear(node, "hb")
 
     def cut_replication(self, node: str, port: int = 7702) -> None:
         """The network drops TCP to and from the peer port of `node`: the replication stream
         dies while heartbeats still flow (a firewall change, a broken middlebox)."""
+        self._bridge_drop(node, "repl", "tcp", port)
+
+    def restore_replication(self, node: str) -> None:
+        self._bridge_clear(node, "repl")
+
+    def _bridge_drop(
+        self, node: str, what: str, proto: str, port: int, nets: Iterable[int] | None = None
+    ) -> None:
+        """Drop `proto` to and from `port` on the bridge ports of `node` (one table per cut)."""
         member = self._node(node)
+        ports = [self._port(node, n) for n in (member.networks if nets is None else nets)]
         rules = "".join(
-            f'    {way} "{self._port(node, n)}" tcp {end} {port} drop\n'
-            for n in member.networks
+            f'    {way} "{bridge_port}" {proto} {end} {port} drop\n'
+            for bridge_port in ports
             for way in ("iifname", "oifname")
             for end in ("sport", "dport")
         )
-        table = f"tandem_lab_repl_{member.short}"
+        table = f"tandem_lab_{what}_{member.short}"
         self.nft(
             "lan",
             f"add table bridge {table}\ndelete table bridge {table}\n"
@@ -895,13 +893,8 @@ class Lab:
             f"{rules}  }}\n}}\n",
         )
 
-    def restore_replication(self, node: str) -> None:
-        table = f"tandem_lab_repl_{self._node(node).short}"
-        self.nft("lan", f"add table bridge {table}\ndelete table bridge {table}\n")
-
-    def restore_heartbeats(self, node: str) -> None:
-        """Let the node's heartbeats pass again."""
-        table = f"tandem_lab_hb_{self._node(node).short}"
+    def _bridge_clear(self, node: str, what: str) -> None:
+        table = f"tandem_lab_{what}_{self._node(node).short}"
         self.nft("lan", f"add table bridge {table}\ndelete table bridge {table}\n")
 
     # -- the client's view
