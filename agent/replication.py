@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import ClusterConfig, ModuleConfig
-from agent.core.generations import Generations, SyncVerdict, compare, plan_connect
+from agent.core.generations import (
+    Generations,
+    SplitSide,
+    SyncVerdict,
+    compare,
+    plan_connect,
+    policy_keeps,
+)
 from agent.core.mirror_ops import paths_of
 from agent.core.states import State
 from agent.logs import log_event
@@ -70,7 +77,7 @@ class ReplicationRuntime:
     verify_waiter: asyncio.Future[dict[str, Any]] | None = None
     peer_name: str = ""
     primary_since: float = 0.0  # wall time this node last became primary (persisted)
-    _changes_cache: int | None = None
+    changes: list[str] | None = None  # changed here since the split (None: journal incomplete)
     _promoted: asyncio.Future[dict[str, Any]] | None = None
     stepped_down: bool = False
     shutting_down: bool = False
@@ -437,24 +444,23 @@ class ReplicationRuntime:
                 return str(node)
         if mine is not None:
             return mine[0]
-        return self.policy_keeps(peer_raw)
+        return self.policy_choice(peer_raw)
 
-    def policy_keeps(self, peer_raw: Any) -> str | None:
+    def policy_choice(self, peer_raw: Any) -> str | None:
         """The node an automatic split-brain policy keeps, or None (manual, or a tie)."""
         policy = self.cfg.replication.split_brain
-        if policy == "manual" or not isinstance(peer_raw, dict) or not peer_raw.get("sb"):
-            return None  # also until the peer has seen the split and counted its changes
-        peer_node = self.peer_name
-        if policy == "discard-younger-primary":
-            # The node that became primary first served the clients longest: keep it.
-            mine, theirs = self.primary_since, _number(peer_raw.get("ps"))
-            if mine and theirs and mine != theirs:
-                return self.node if mine < theirs else peer_node
-            return None
-        mine_changes, their_changes = self.change_count(), int(_number(peer_raw.get("jc")))
-        if mine_changes == their_changes:
-            return None
-        return self.node if mine_changes > their_changes else peer_node
+        if (
+            policy == "manual"
+            or not self.split_reported
+            or not isinstance(peer_raw, dict)
+            or not peer_raw.get("sb")
+        ):
+            return None  # also until both sides have seen the split and counted their changes
+        here = SplitSide(self.node, self.primary_since, self.change_count())
+        peer = SplitSide(
+            self.peer_name, _number(peer_raw.get("ps")), int(_number(peer_raw.get("jc"), -1))
+        )
+        return policy_keeps(policy, here, peer)
 
     def observe(self, peer_raw: Any, serving: bool) -> None:
         """Every tick, on both sides: report a split brain (once), clear it when it is over."""
@@ -466,6 +472,7 @@ class ReplicationRuntime:
         if not split:
             if self.split_reported:
                 self.split_reported = False
+                self.changes = None
                 self.problem = None
                 self.resolve_keep = None
                 self.store.put(self._key("resolve"), "")
@@ -492,24 +499,26 @@ class ReplicationRuntime:
             )
         if not self.split_reported:
             self.split_reported = True
-            self._changes_cache = None
-            changed = self.changed_here()
-            listed = ", ".join(changed[:50]) + (" ..." if len(changed) > 50 else "")
+            self.changes = changed = self.changed_here()
+            if changed is None:
+                what = "unknown (journal incomplete: compare with `tandemctl verify`)"
+                changed = []
+            else:
+                listed = ", ".join(changed[:50]) + (" ..." if len(changed) > 50 else "")
+                what = f"{len(changed)} path(s){': ' + listed if changed else ''}"
             self.event(
                 "split_brain",
-                f"split brain with the peer ({verdict}): changed here since the split: "
-                f"{len(changed)} path(s){': ' + listed if changed else ''}",
+                f"split brain with the peer ({verdict}): changed here since the split: {what}",
                 changed=changed[:1000],
             )
 
     def change_count(self) -> int:
-        """How much this node changed since the last sync (for discard-least-changes)."""
-        if self._changes_cache is None:
-            self._changes_cache = len(self.changed_here()) if self.split_reported else 0
-        return self._changes_cache
+        """Paths this node changed since the split (discard-least-changes); -1: unknown."""
+        return -1 if self.changes is None else len(self.changes)
 
-    def changed_here(self) -> list[str]:
-        """What this node changed since the last sync, from its journal (names, not data)."""
+    def changed_here(self) -> list[str] | None:
+        """What this node changed since the last sync, from its journal (names, not data);
+        None when the journal is incomplete (overflowed or damaged)."""
         if not self.journal_path.exists():
             return []
         with tempfile.TemporaryDirectory() as tmp:
@@ -523,7 +532,7 @@ class ReplicationRuntime:
             finally:
                 journal.close()
         if not trusted:
-            return ["(journal incomplete: compare with `tandemctl verify`)"]
+            return None
         names: set[tuple[int, str]] = set(plan.ranges) | set(plan.metadata)
         for op in plan.namespace:
             names.update((op.root, p) for p in paths_of(op))
@@ -605,8 +614,9 @@ class ReplicationRuntime:
 __all__ = ["MirrorError", "ReplicationRuntime"]
 
 
-def _number(value: Any) -> float:
-    """A number from the peer's heartbeat; 0 for anything else (another release, damage)."""
+def _number(value: Any, default: float = 0.0) -> float:
+    """A number from the peer's heartbeat; `default` for anything else (missing, another
+    release, damage)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        return 0.0
+        return default
     return float(value)

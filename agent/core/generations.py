@@ -148,3 +148,29 @@ def plan_connect(
     if verdict is SyncVerdict.INCREMENTAL_FROM_LOCAL and here_pristine and peer_pristine:
         return ConnectPlan("incremental", quarantine=peer_empty)
     return ConnectPlan("full", quarantine=peer_empty)
+
+
+@dataclass(frozen=True)
+class SplitSide:
+    """What one node of a split brain tells about itself (its heartbeat's fields)."""
+
+    node: str
+    primary_since: float  # wall-clock time it last became primary; 0: unknown
+    changes: int  # paths it changed since the split; -1: unknown (journal incomplete)
+
+
+def policy_keeps(policy: str, here: SplitSide, peer: SplitSide) -> str | None:
+    """The node whose data an automatic split-brain policy keeps; None: leave it to
+    `tandemctl resolve` (the policy is manual, a figure is unknown, or it is a tie)."""
+    if policy == "discard-younger-primary":
+        # The node that became primary first served the clients longest: keep it.
+        if not here.primary_since or not peer.primary_since:
+            return None
+        if here.primary_since == peer.primary_since:
+            return None
+        return here.node if here.primary_since < peer.primary_since else peer.node
+    if policy == "discard-least-changes":
+        if here.changes < 0 or peer.changes < 0 or here.changes == peer.changes:
+            return None
+        return here.node if here.changes > peer.changes else peer.node
+    return None

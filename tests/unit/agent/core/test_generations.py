@@ -19,9 +19,11 @@ from agent.core.generations import (
     EMPTY,
     ConnectPlan,
     Generations,
+    SplitSide,
     SyncVerdict,
     compare,
     plan_connect,
+    policy_keeps,
 )
 
 FROM_LOCAL = {SyncVerdict.INCREMENTAL_FROM_LOCAL, SyncVerdict.FULL_FROM_LOCAL}
@@ -219,3 +221,35 @@ def test_the_first_meeting_keeps_the_new_secondary_files_aside() -> None:
         verdict, peer_empty=True, here_pristine=True, peer_pristine=True, kept_here=False
     )
     assert plan == ConnectPlan("full", quarantine=True)
+
+
+# --- split-brain policies -------------------------------------------------------------------
+
+POLICIES = ["manual", "discard-younger-primary", "discard-least-changes"]
+SINCES = list(itertools.product([0.0, 100.0, 200.0], repeat=2))
+COUNTS = list(itertools.product([-1, 0, 3, 7], repeat=2))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize(("here_since", "peer_since"), SINCES)
+@pytest.mark.parametrize(("here_changes", "peer_changes"), COUNTS)
+def test_a_policy_keeps_one_side_only_on_figures_both_know_and_the_same_from_both_ends(
+    policy: str, here_since: float, peer_since: float, here_changes: int, peer_changes: int
+) -> None:
+    node1 = SplitSide("node1", here_since, here_changes)
+    node2 = SplitSide("node2", peer_since, peer_changes)
+    kept = policy_keeps(policy, node1, node2)
+    # Both nodes decide alone: they must name the same node, or both leave it to a person.
+    assert policy_keeps(policy, node2, node1) == kept
+    if policy == "manual":
+        assert kept is None
+    elif policy == "discard-younger-primary":
+        if 0.0 in (here_since, peer_since) or here_since == peer_since:
+            assert kept is None  # unknown or a tie
+        else:
+            assert kept == ("node1" if here_since < peer_since else "node2")
+    else:
+        if -1 in (here_changes, peer_changes) or here_changes == peer_changes:
+            assert kept is None  # a journal that overflowed cannot lose by its count
+        else:
+            assert kept == ("node1" if here_changes > peer_changes else "node2")
