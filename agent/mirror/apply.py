@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import shutil
 import stat
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -517,34 +518,39 @@ def _replace_nondir(parent: int, name: str, make: Callable[[], None]) -> None:
 def _remove_excluded_tree(
     parent: int, name: str, path: str, excluded: Callable[[str, bool], bool]
 ) -> None:
-    """Remove what is left in directory `name` if every entry is excluded (else ENOTEMPTY)."""
+    """Empty directory `name` if everything in it is excluded (else ENOTEMPTY, having removed
+    nothing: this node's excluded files are not lost to an rmdir that fails anyway)."""
     fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
     try:
-        entries = list(os.scandir(fd))
-        for entry in entries:
-            is_dir = entry.is_dir(follow_symlinks=False)
-            child = f"{path}/{entry.name}"
-            if is_dir and not excluded(child, True):
-                _remove_excluded_tree(fd, entry.name, child, excluded)
-                os.rmdir(entry.name, dir_fd=fd)
-            elif not excluded(child, is_dir):
-                raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), child)
-            elif is_dir:
-                _remove_any_tree(fd, entry.name)
+        doomed = _excluded_entries(fd, path, excluded)
+        for entry_name, is_dir in doomed:
+            if is_dir:
+                shutil.rmtree(entry_name, dir_fd=fd)  # never follows symlinks
             else:
-                os.unlink(entry.name, dir_fd=fd)
+                os.unlink(entry_name, dir_fd=fd)
     finally:
         os.close(fd)
 
 
-def _remove_any_tree(parent: int, name: str) -> None:
-    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
-    try:
-        for entry in list(os.scandir(fd)):
-            if entry.is_dir(follow_symlinks=False):
-                _remove_any_tree(fd, entry.name)
-            else:
-                os.unlink(entry.name, dir_fd=fd)
-    finally:
-        os.close(fd)
-    os.rmdir(name, dir_fd=parent)
+def _excluded_entries(
+    fd: int, path: str, excluded: Callable[[str, bool], bool]
+) -> list[tuple[str, bool]]:
+    """The entries of directory `fd` to remove so that it is empty: excluded ones whole, and
+    kept directories holding only excluded names (after their contents). ENOTEMPTY if any
+    name is not excluded. Reads only."""
+    found: list[tuple[str, bool]] = []
+    for entry in list(os.scandir(fd)):
+        is_dir = entry.is_dir(follow_symlinks=False)
+        child = f"{path}/{entry.name}"
+        if excluded(child, is_dir):
+            found.append((entry.name, is_dir))
+        elif is_dir:
+            sub = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            try:
+                _excluded_entries(sub, child, excluded)  # raises if it holds a kept name
+            finally:
+                os.close(sub)
+            found.append((entry.name, True))
+        else:
+            raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), child)
+    return found

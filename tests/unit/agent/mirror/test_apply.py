@@ -645,6 +645,7 @@ def test_a_mirrored_rmdir_takes_this_nodes_excluded_names_with_it(tmp_path: Path
     (root / "cache" / "x.tmp").write_text("node-local scratch")
     (root / "cache" / "deep" / "y.tmp").write_text("more scratch")
     (root / "keep").mkdir()
+    (root / "keep" / "a.tmp").write_text("this node's own, listed before the kept file")
     (root / "keep" / "data.db").write_text("mirrored data")
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -655,5 +656,7 @@ def test_a_mirrored_rmdir_takes_this_nodes_excluded_names_with_it(tmp_path: Path
             applier.apply(mo.Rmdir(0, "keep"))
         assert refused.value.errno == errno.ENOTEMPTY
         assert (root / "keep" / "data.db").read_text() == "mirrored data"
+        # A refused rmdir removes nothing, this node's excluded files included.
+        assert (root / "keep" / "a.tmp").exists()
     finally:
         os.close(fd)
