@@ -12,7 +12,6 @@ from __future__ import annotations
 import threading
 from contextlib import AbstractContextManager
 from enum import Enum
-from types import TracebackType
 from typing import Protocol
 
 from agent.core.mirror_ops import Op
@@ -29,8 +28,9 @@ class WaitPoint(Enum):
 class Replicator(Protocol):
     """The contract between MirrorFS and whatever carries its operations to the peer."""
 
-    def ordered(self) -> AbstractContextManager[None]:
-        """Held while applying locally and enqueueing, so stream order equals local order."""
+    def ordered(self) -> AbstractContextManager[object]:
+        """Held while applying locally and enqueueing, so stream order equals local order (a
+        lock: reusable, nothing allocated per mutation on the hot path)."""
         ...
 
     def enqueue(self, op: Op) -> int:
@@ -46,34 +46,14 @@ class Replicator(Protocol):
         ...
 
 
-class Ordered:
-    """A reusable context manager over a lock: no allocation per mutation on the hot path."""
-
-    __slots__ = ("_lock",)
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-
-    def __enter__(self) -> None:
-        self._lock.acquire()
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._lock.release()
-
-
 class LocalReplicator:
     """No peer at all: ops are dropped, waits return at once (FUSE-alone figures, tests)."""
 
     def __init__(self) -> None:
-        self._ordered = Ordered()
+        self._ordered = threading.Lock()
         self._seq = 0
 
-    def ordered(self) -> AbstractContextManager[None]:
+    def ordered(self) -> AbstractContextManager[object]:
         return self._ordered
 
     def enqueue(self, op: Op) -> int:

@@ -36,7 +36,7 @@ from agent.core.mirror_ops import (
 )
 from agent.mirror.journal import Journal
 from agent.mirror.link import LinkClosed, Stream
-from agent.mirror.replicator import Ordered, WaitPoint
+from agent.mirror.replicator import WaitPoint
 
 Mode = Literal["sync", "flush", "async"]
 
@@ -104,7 +104,7 @@ class MirrorReplicator:
         self._on_event = on_event
         self._max_pending = async_max_bytes if mode == "async" else flush_window_bytes
         self._max_age = async_max_age if mode == "async" else float("inf")
-        self._order = Ordered()
+        self._order = threading.Lock()
         lock = threading.Lock()
         self._cond = threading.Condition(lock)  # acks, state changes: what waiters wait for
         self._send_ready = threading.Condition(lock)  # the sender's own: work to send
@@ -140,7 +140,7 @@ class MirrorReplicator:
 
     # --- the Replicator protocol -------------------------------------------------------------
 
-    def ordered(self) -> AbstractContextManager[None]:
+    def ordered(self) -> AbstractContextManager[object]:
         return self._order
 
     def enqueue(self, op: Op, *, live: bool = True) -> int:
