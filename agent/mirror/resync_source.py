@@ -18,11 +18,12 @@ Two ways to know what differs:
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import stat
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -50,6 +51,7 @@ from agent.mirror.manifest import Entry, ManifestReader, scan
 from agent.mirror.sender import LinkState, MirrorReplicator
 
 CHUNK = 1 << 20
+CONTROL_PATH_BYTES = 4 << 20  # paths per control frame, well under the stream's frame limit
 RESYNC_WINDOW = 32 << 20
 Step = Callable[[int, str, "os.stat_result | None"], None]
 MAX_PASSES = 3
@@ -160,10 +162,8 @@ class SourceResync:
         self._source_paths = {e.path for e in source}
         if self.quarantine and first:
             doomed = [p for p in steps.changed_paths if p in by_path and by_path[p].kind != "dir"]
-            if doomed:
-                self.replicator.enqueue_control(
-                    {"type": "quarantine", "root": root, "paths": doomed}
-                )
+            for some in path_chunks(doomed):
+                self.replicator.enqueue_control({"type": "quarantine", "root": root, "paths": some})
         for path in steps.removes:
             self._remove(root, path, by_path.get(path))
         for entry in steps.mkdirs:
@@ -303,10 +303,31 @@ class SourceResync:
             self.replicator.wait_acked(self.last_ticket)
 
 
+def path_chunks(paths: list[str], max_bytes: int = CONTROL_PATH_BYTES) -> Iterator[list[str]]:
+    """`paths` in lists small enough for one control frame each (none if `paths` is empty)."""
+    chunk: list[str] = []
+    size = 0
+    for path in paths:
+        encoded = len(json.dumps(path)) + 1  # as the frame carries it, escapes and comma
+        if chunk and size + encoded > max_bytes:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(path)
+        size += encoded
+    if chunk:
+        yield chunk
+
+
 def target_manifest(
     replicator: MirrorReplicator, root: int, paths: list[str] | None = None
 ) -> list[Entry]:
-    """The receiver's manifest of one directory, asked in stream order."""
+    """The receiver's manifest of one directory (or of `paths` in it), asked in stream order."""
+    if paths is None:
+        return _manifest(replicator, root, None)
+    return [entry for some in path_chunks(paths) for entry in _manifest(replicator, root, some)]
+
+
+def _manifest(replicator: MirrorReplicator, root: int, paths: list[str] | None) -> list[Entry]:
     request: dict[str, object] = {"type": "manifest", "root": root}
     if paths is not None:
         request["paths"] = paths
