@@ -132,6 +132,36 @@ class Cluster:
         data: dict[str, Any] | None = self.api_get(node, "/api/v1/status")
         return data
 
+    def replication(self, node: str, name: str = "web") -> dict[str, Any]:
+        """The module's replication figures on `node` ({} when its agent does not answer)."""
+        module = self.module(node, name)
+        return {} if module is None else dict(module["replication"])
+
+    def data_dir(self, node: str) -> Path:
+        """The real files of `node`'s replicated demo directory (beneath its mount)."""
+        return self.lab.tmp_dir / node / "srv" / "data"
+
+    def records(self, node: str) -> dict[int, str]:
+        """`node`'s copy of the demo's records file: seq -> text (a torn last line is
+        ignored, as the application does)."""
+        path = self.data_dir(node) / "records.log"
+        found: dict[int, str] = {}
+        for line in path.read_bytes().splitlines() if path.exists() else []:
+            try:
+                record = json.loads(line)
+                found[int(record["seq"])] = str(record["data"])
+            except (ValueError, KeyError, TypeError):
+                continue
+        return found
+
+    def in_mount(
+        self, node: str, script: str, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a shell script where `node`'s application runs (its mount namespace, where the
+        replicated directory is the mirror's mount)."""
+        argv = ["nsenter", "-t", str(self.agent_pid(node)), "-m", "sh", "-c", script]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+
     def module(self, node: str, name: str = "web") -> dict[str, Any] | None:
         status = self.status(node)
         if status is None:

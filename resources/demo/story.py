@@ -12,17 +12,14 @@ Everything it made is removed at the end, also on Ctrl-C.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -68,31 +65,14 @@ class Writer(threading.Thread):
         return self.acked[-1][1] if self.acked else None
 
 
-def records_on(lab: Lab, node: str) -> set[int]:
-    """The record numbers in `node`'s copy of the replicated records file."""
-    path = lab.tmp_dir / node / "srv" / "data" / "records.log"
-    found = set()
-    for line in path.read_bytes().splitlines() if path.exists() else []:
-        try:
-            found.add(int(json.loads(line)["seq"]))
-        except (ValueError, KeyError):
-            continue
-    return found
-
-
-def replication(cluster: Cluster, node: str) -> dict[str, Any]:
-    module = cluster.module(node)
-    return {} if module is None else dict(module["replication"])
-
-
 def show_resync(cluster: Cluster, primary: str, secondary: str) -> None:
     """Print the resync's progress as `tandemctl status` shows it, until the copy is in sync."""
     deadline = time.monotonic() + 120
     last = 0.0
     while time.monotonic() < deadline:
-        if cluster.state(secondary) == "SECOND" and replication(cluster, secondary).get("in_sync"):
+        if cluster.state(secondary) == "SECOND" and cluster.replication(secondary).get("in_sync"):
             return
-        resync = replication(cluster, primary).get("resync")
+        resync = cluster.replication(primary).get("resync")
         if resync and time.monotonic() - last >= 1.0:
             last = time.monotonic()
             done, total = resync["done_bytes"], resync["total_bytes"]
@@ -110,8 +90,9 @@ def write_batch(cluster: Cluster, node: str) -> None:
     """A batch job on `node` writes a big file through its replicated directory."""
     path = f"{DEMO_DIR}/data/batch-report.bin"
     script = f"head -c {BATCH_MIB}M /dev/urandom > {path} && sync {path}"
-    argv = ["nsenter", "-t", str(cluster.agent_pid(node)), "-m", "sh", "-c", script]
-    subprocess.run(argv, check=True, timeout=120)
+    done = cluster.in_mount(node, script, timeout=120)
+    if done.returncode != 0:
+        raise SystemExit(f"the batch job on {node} failed: {done.stderr.strip()}")
 
 
 def show_status(cluster: Cluster, node: str) -> None:
@@ -143,7 +124,7 @@ def story(lab: Lab) -> None:
     cluster.wait_healthy_pair("node1")
     cluster.wait_until(
         "node2 is an in-sync secondary",
-        lambda: bool(replication(cluster, "node2").get("in_sync")),
+        lambda: bool(cluster.replication("node2").get("in_sync")),
         timeout=60,
     )
     detail(f"{DEMO_DIR}/data is mirrored: every write returns once node2 has it")
@@ -164,7 +145,7 @@ def story(lab: Lab) -> None:
     detail(f"the VIP answers again after {took:.2f} s (peer_timeout is 1.5 s)")
     cluster.wait_state("node2", ("ALONE",))
     acked_by_node1 = {seq for _, node, seq in writer.acked if node == "node1"}
-    missing = acked_by_node1 - records_on(lab, "node2")
+    missing = acked_by_node1 - set(cluster.records("node2"))
     detail(
         f"all {len(acked_by_node1) - len(missing)} of the {len(acked_by_node1)} records node1 "
         "acknowledged are in node2's copy"
@@ -206,7 +187,7 @@ def story(lab: Lab) -> None:
     show_status(cluster, "node1")
     cluster.wait_until(
         "node2 is in sync after the swap",
-        lambda: bool(replication(cluster, "node2").get("in_sync")),
+        lambda: bool(cluster.replication("node2").get("in_sync")),
         timeout=60,
     )
     say("Both copies compared block by block while the application runs: tandemctl verify web")

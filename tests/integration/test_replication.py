@@ -9,7 +9,6 @@ nodes' directories hold the same bytes.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import socket
@@ -29,11 +28,6 @@ from tests.lab import Lab, wait_for
 CYCLES = int(os.environ.get("TANDEM_ZERO_LOSS_CYCLES", "10"))
 
 
-def data_dir(lab: Lab, node: str) -> Path:
-    """The real files of `node`'s replicated directory (the lab's backing of /srv/tandem-demo)."""
-    return lab.tmp_dir / node / "srv" / "data"
-
-
 def tree_digest(root: Path) -> dict[str, str]:
     """Every regular file under `root` with the hash of its bytes."""
     digests = {}
@@ -43,32 +37,10 @@ def tree_digest(root: Path) -> dict[str, str]:
     return digests
 
 
-def records_on(lab: Lab, node: str) -> dict[int, str]:
-    """The records file of `node`: seq -> text (a torn last line is ignored, as the app does)."""
-    path = data_dir(lab, node) / "records.log"
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return {}
-    found = {}
-    for line in raw.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        found[int(record["seq"])] = str(record["data"])
-    return found
-
-
-def replication(cluster: Cluster, node: str) -> dict[str, object]:
-    module = cluster.module(node)
-    return {} if module is None else dict(module["replication"])
-
-
 def wait_nothing_pending(cluster: Cluster, primary: str) -> None:
     cluster.wait_until(
         "nothing left to mirror",
-        lambda: replication(cluster, primary).get("pending_bytes") == 0,
+        lambda: cluster.replication(primary).get("pending_bytes") == 0,
     )
 
 
@@ -124,8 +96,7 @@ class Writer:
 
 
 def assert_all_acked_present(cluster: Cluster, node: str, writer: Writer) -> None:
-    lab = cluster.lab
-    present = set(records_on(lab, node).values())
+    present = set(cluster.records(node).values())
     missing = [text for text in list(writer.acked) if text not in present]
     if not missing:
         return
@@ -134,7 +105,7 @@ def assert_all_acked_present(cluster: Cluster, node: str, writer: Writer) -> Non
         for text in missing[:5]
     ]
     logs = f"\n--- node1 ---\n{cluster.log('node1')}\n--- node2 ---\n{cluster.log('node2')}"
-    tail = (data_dir(lab, node) / "records.log").read_bytes()[-600:]
+    tail = (cluster.data_dir(node) / "records.log").read_bytes()[-600:]
     raise AssertionError(
         f"{len(missing)} acknowledged records missing on {node} (now {time.monotonic():.3f}): "
         f"{detail}; its records.log ends with {tail!r}{logs}"
@@ -155,10 +126,10 @@ def test_records_written_on_the_primary_are_on_the_secondary(lab: Lab, cluster: 
     cluster.wait_in_sync("node2")
     for n in range(20):
         assert cluster.post_record(f"mirrored {n}".encode()) is not None
-    primary = records_on(lab, "node1")
+    primary = cluster.records("node1")
     assert len(primary) >= 20
-    assert records_on(lab, "node2") == primary
-    figures = replication(cluster, "node1")
+    assert cluster.records("node2") == primary
+    figures = cluster.replication("node1")
     assert figures["role"] == "primary" and figures["connected"]
 
 
@@ -188,25 +159,10 @@ def test_no_acknowledged_record_is_lost_through_power_losses_and_agent_kills(
             cluster.wait_in_sync(primary)
             writer.pause()
             wait_nothing_pending(cluster, standby)
-            assert tree_digest(data_dir(lab, primary)) == tree_digest(data_dir(lab, standby))
+            assert tree_digest(cluster.data_dir(primary)) == tree_digest(cluster.data_dir(standby))
             writer.resume()
             primary, standby = standby, primary
     assert len(writer.acked) > CYCLES * 5
-
-
-def write_in_mount(cluster: Cluster, node: str, name: str, text: str) -> None:
-    """Write a file through `node`'s replicated directory, as its application would."""
-    path = f"{DEMO_DIR}/data/{name}"
-    argv = [
-        "nsenter",
-        "-t",
-        str(cluster.agent_pid(node)),
-        "-m",
-        "sh",
-        "-c",
-        f"echo {text} > {path}",
-    ]
-    subprocess.run(argv, check=True, timeout=30)
 
 
 def test_a_split_brain_is_reported_and_resolve_keeps_one_side_with_the_other_in_quarantine(
@@ -221,8 +177,9 @@ def test_a_split_brain_is_reported_and_resolve_keeps_one_side_with_the_other_in_
         lab.cut_link("node1")  # full isolation: node1 keeps serving, node2 takes over
         cluster.wait_state("node2", "ALONE", timeout=30)
         cluster.wait_state("node1", "ALONE", timeout=30)
-        write_in_mount(cluster, "node1", "side1.txt", "written-on-node1")
-        write_in_mount(cluster, "node2", "side2.txt", "written-on-node2")
+        for node in ("node1", "node2"):
+            wrote = cluster.in_mount(node, f"echo written-on-{node} > {DEMO_DIR}/data/{node}.txt")
+            assert wrote.returncode == 0, wrote.stderr
         cluster.wait_until(
             "node2 answers the client during the split",
             lambda: cluster.post_record(b"during the split", timeout=1.0) is not None,
@@ -232,7 +189,7 @@ def test_a_split_brain_is_reported_and_resolve_keeps_one_side_with_the_other_in_
         cluster.wait_until(
             "both nodes report the split brain",
             lambda: all(
-                "split brain" in str(replication(cluster, node).get("problem"))
+                "split brain" in str(cluster.replication(node).get("problem"))
                 for node in ("node1", "node2")
             ),
             timeout=30,
@@ -243,14 +200,13 @@ def test_a_split_brain_is_reported_and_resolve_keeps_one_side_with_the_other_in_
         refused = cluster.ctl(primary, "resolve", "web", "--keep", other)
         assert refused.returncode == 1 and "is not primary" in refused.stderr, refused
 
-        kept_side = "side1.txt" if primary == "node1" else "side2.txt"
-        lost_side = "side2.txt" if primary == "node1" else "side1.txt"
+        kept_side, lost_side = f"{primary}.txt", f"{other}.txt"
         done = cluster.ctl(other, "resolve", "web", "--keep", primary)
         assert done.returncode == 0, done.stderr
         cluster.wait_in_sync(other)
-        assert tree_digest(data_dir(lab, primary)) == tree_digest(data_dir(lab, other))
-        assert (data_dir(lab, other) / kept_side).exists()
-        assert not (data_dir(lab, other) / lost_side).exists()
+        assert tree_digest(cluster.data_dir(primary)) == tree_digest(cluster.data_dir(other))
+        assert (cluster.data_dir(other) / kept_side).exists()
+        assert not (cluster.data_dir(other) / lost_side).exists()
         quarantined = list((lab.node_dir(other) / "state" / "quarantine").glob("web-*/0/*"))
         names = {p.name for p in quarantined}
         assert lost_side in names, f"quarantine holds {sorted(names)}"
@@ -284,7 +240,7 @@ def test_a_dead_replication_link_ends_the_wait_after_ack_timeout_and_resyncs_lat
             lambda: (
                 (m := cluster.module("node1")) is not None
                 and m["replication"]["generation"] != generation
-                and not replication(cluster, "node2").get("in_sync")
+                and not cluster.replication("node2").get("in_sync")
             ),
         )
         assert cluster.state("node1") in ("PRIM", "ALONE")
@@ -293,8 +249,8 @@ def test_a_dead_replication_link_ends_the_wait_after_ack_timeout_and_resyncs_lat
         lab.restore_replication("node2")
         cluster.wait_in_sync("node2")
         wait_nothing_pending(cluster, "node1")
-        assert records_on(lab, "node2") == records_on(lab, "node1")
-        assert "while the link is dead" in records_on(lab, "node2").values()
+        assert cluster.records("node2") == cluster.records("node1")
+        assert "while the link is dead" in cluster.records("node2").values()
     finally:
         cluster.stop_agents()
 
@@ -309,7 +265,7 @@ def test_a_full_disk_on_the_secondary_is_reported_and_loses_no_acknowledged_data
     try:
         cluster.start(nodes=("node1",))
         # node2's replicated directory is that small disk (bound over it in its namespace)
-        data_dir(lab, "node2").mkdir(parents=True)
+        cluster.data_dir("node2").mkdir(parents=True)
         cluster.agents["node2"] = lab.start_agent(
             "node2",
             cluster.config,
@@ -319,21 +275,17 @@ def test_a_full_disk_on_the_secondary_is_reported_and_loses_no_acknowledged_data
         cluster.wait_in_sync("node2")
         big = f"{DEMO_DIR}/data/big.bin"
         script = f"head -c 8M /dev/urandom > {big} && sync {big} && sha256sum {big}"
-        pid = str(cluster.agent_pid("node1"))
-        done = subprocess.run(
-            ["nsenter", "-t", pid, "-m", "sh", "-c", script],
-            capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
+        done = cluster.in_mount("node1", script)
         assert done.returncode == 0, f"the application saw an error: {done.stderr}"
         written = done.stdout.split()[0]
-        assert hashlib.sha256((data_dir(lab, "node1") / "big.bin").read_bytes()).hexdigest() == (
+        assert hashlib.sha256((cluster.data_dir("node1") / "big.bin").read_bytes()).hexdigest() == (
             written
         )
         cluster.wait_until(
             "node2 reports the full disk in its event log",
             lambda: "No space left" in cluster.ctl("node2", "logs", "web", "-n", "50").stdout,
         )
-        assert not replication(cluster, "node2").get("in_sync")
+        assert not cluster.replication("node2").get("in_sync")
         assert cluster.post_record(b"after the disk filled", timeout=10) is not None
     finally:
         cluster.stop_agents()
@@ -371,5 +323,5 @@ def test_forged_replication_streams_are_refused_and_logged(lab: Lab, cluster: Cl
         ),
     )
     assert cluster.post_record(b"still mirrored") is not None
-    assert records_on(lab, "node2") == records_on(lab, "node1")
-    assert replication(cluster, "node2").get("in_sync")
+    assert cluster.records("node2") == cluster.records("node1")
+    assert cluster.replication("node2").get("in_sync")
