@@ -141,7 +141,7 @@ class MirrorProcess:
     def promote(self) -> None:
         """Secondary → primary in place: no new process to start during a failover."""
         if self.receiver_thread is not None and self.receiver is not None:
-            self.receiver.stream.close()  # a primary still sending must not write under us
+            self.receiver.stop()  # a primary still sending must not write under us
             self.receiver_thread.join(10)
             if self.receiver_thread.is_alive():
                 # Still applying (a stuck disk): its descriptors must not be closed and reused
@@ -264,6 +264,17 @@ class MirrorProcess:
     def accept(self, command: dict[str, Any], fds: list[int]) -> None:
         """Secondary: take over an accepted stream the agent hands us and receive on it."""
         sock = socket.socket(fileno=fds[0])
+        if self.receiver is not None and self.receiver_thread is not None:
+            # The previous session first: frames of a stream thought dead (a cut link) can
+            # still arrive late, and must never be applied after the new session's resync.
+            self.receiver.stop()
+            self.receiver_thread.join(10)
+            if self.receiver_thread.is_alive():
+                sock.close()
+                self.event(
+                    {"event": "bad_frame", "reason": "the previous stream is still applying"}
+                )
+                return
         try:
             hello = link.parse_hello_frame(bytes.fromhex(command["hello"]), self.key)
             stream = link.accept(sock, hello, self.key, self.node)

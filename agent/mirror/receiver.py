@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,6 +48,13 @@ class Receiver:
         self.applied_bytes = 0
         self.resyncing = False
         self.skipped = 0
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        """End the session: nothing more is applied, even frames already received (a newer
+        stream replaces this one, or the node is promoted)."""
+        self._stopped.set()
+        self.stream.close()
 
     def run(self) -> str:
         processed = 0
@@ -54,6 +62,8 @@ class Receiver:
         try:
             while True:
                 header, payload = self.stream.receive()
+                if self._stopped.is_set():
+                    return "stopped"
                 if header.kind is mf.FrameKind.OP:
                     op = decode_op(payload, borrow=True)  # applied before the next receive
                     try:
