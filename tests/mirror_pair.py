@@ -223,6 +223,7 @@ def _spec(
     state: Path,
     mode: str,
     ack_timeout: float,
+    resync_rate: int | None = None,
 ) -> dict[str, Any]:
     return {
         "module": "bench",
@@ -232,6 +233,7 @@ def _spec(
         "dirs": [{"path": str(directory), "exclude": []}],
         "mode": mode,
         "ack_timeout": ack_timeout,
+        "resync_rate_bps": resync_rate,
         "state_dir": str(state / "mirror"),
         "quarantine_dir": str(state / "quarantine"),
         "key_file": str(key_file),
@@ -265,6 +267,7 @@ class MirrorPair:
         shaped: str | None = None,
         delay_ms: float | None = None,
         ack_timeout: float = 60.0,
+        resync_rate: int | None = None,
     ) -> None:
         _check_choice("mode", mode, MODES)
         if delay_ms is not None and delay_ms < 0:
@@ -287,6 +290,7 @@ class MirrorPair:
         self._acceptor: threading.Thread | None = None
         self._stopping = threading.Event()
         self._closed = False
+        self.resync_rate = resync_rate
         try:
             self._build(shaped, ack_timeout)
         except BaseException:
@@ -336,7 +340,7 @@ class MirrorPair:
             )
         self.primary = MirrorProcess(
             _spec("primary", "node1", self.primary_dir, self.key_file,
-                  self.base / "primary", self.mode, ack_timeout),
+                  self.base / "primary", self.mode, ack_timeout, self.resync_rate),
             ["ip", "netns", "exec", self.ns_primary],
             self.base / "primary.log",
         )  # fmt: skip
@@ -433,6 +437,10 @@ class MirrorPair:
 
     def connect(self, resync: str = "none", timeout: float = 1800.0) -> dict[str, Any]:
         """Open the stream with this resync; returns `resync_done` (with `connected` in it)."""
+        return self.resynced(self.begin_connect(resync), timeout)
+
+    def begin_connect(self, resync: str = "none") -> int:
+        """Open the stream with this resync and return at once: a mark for `resynced`."""
         _check_choice("resync", resync, RESYNCS)
         assert self.primary is not None and self.secondary is not None
         mark = self.primary.mark()
@@ -441,6 +449,11 @@ class MirrorPair:
             {"cmd": "connect", "peer": {"address": address, "port": port}, "resync": resync,
              "done": {}}
         )  # fmt: skip
+        return mark
+
+    def resynced(self, mark: int, timeout: float = 1800.0) -> dict[str, Any]:
+        """The `resync_done` after `mark` (a `begin_connect`), with `connected` in it."""
+        assert self.primary is not None
         fail = ("exited", "failed", "connect_failed", "resync_interrupted", "link_lost")
         connected = self.primary.wait_event(["connected"], mark, 30.0, fail)
         done = self.primary.wait_event(["resync_done"], mark, timeout, fail)

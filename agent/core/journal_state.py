@@ -317,6 +317,14 @@ class JournalState:
                 out.append(Touched(root, path, meta=True))
         return out
 
+    def names(self) -> set[Key]:
+        """Every name this state knows changed: each namespace operation's paths and each
+        tracked file's names. What differs from the peer lies at these names (or below them)."""
+        out: set[Key] = set(self._files)
+        for op in self.namespace:
+            out.update((op.root, path) for path in _op_paths(op))
+        return out
+
     @property
     def empty(self) -> bool:
         plan = self.replay_plan()

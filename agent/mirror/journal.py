@@ -46,6 +46,9 @@ JOURNAL_MAGIC = b"TNDJRNL\x01"
 ACTIVITY_MAGIC = b"TNDACTL\x01"
 OVERFLOWED = 1  # header flag: records stopped; the next resync must be a full one
 UNTRUSTED = 2  # header flag: a record may be missing (a failed fdatasync)
+# header flag: a resync from this journal began, so the peer may hold part of it already; the
+# next one compares the journal's names by hashes instead of sending everything again
+RESYNCING = 4
 _HEADER = struct.Struct(">8sQ")
 _RECORD = struct.Struct(">II8s")
 _LENGTH = struct.Struct(">I")
@@ -188,6 +191,7 @@ class Journal:
         self._trusted = True
         self._overflowed = False
         self._flagged = False  # the untrusted flag is durable in the header
+        self._resyncing = False
         self._written = 0  # batches appended
         self._synced = 0  # batches known durable
         self._syncing = False
@@ -218,6 +222,7 @@ class Journal:
                 self._distrust(f"{self.path}: record {index} is not a journal entry ({exc})")
                 self._flagged = True
                 return
+        self._resyncing = bool(scan.header & RESYNCING)
         if scan.header & UNTRUSTED:
             self._distrust("an earlier fdatasync of the journal failed")
             self._flagged = True
@@ -255,10 +260,35 @@ class Journal:
     def size_bytes(self) -> int:
         return self._size
 
+    @property
+    def resyncing(self) -> bool:
+        """A resync from this journal began and did not finish (`begin_resync`)."""
+        return self._resyncing
+
     def plan(self) -> ReplayPlan:
         """The state's replay plan, taken under the journal's lock (safe against `record`)."""
         with self._lock:
             return self._state.replay_plan()
+
+    def names(self) -> set[tuple[int, str]]:
+        """Every name the journal knows changed (see JournalState.names)."""
+        with self._lock:
+            return self._state.names()
+
+    def begin_resync(self) -> None:
+        """A resync starts sending this journal: say so durably in the header, so that an
+        interrupted one is resumed (compared by hashes) rather than sent again whole."""
+        with self._lock:
+            if self._closed:
+                raise JournalError(errno.EBADF, f"the journal {self.path} is closed")
+            if self._resyncing:
+                return
+            self._resyncing = True
+            try:
+                os.pwrite(self._fd, struct.pack(">Q", self._flags()), 8)
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                self._fail(f"marking the journal's resync failed: {exc.strerror}")
 
     # --- recording ------------------------------------------------------------------------
 
@@ -353,7 +383,11 @@ class Journal:
         self._state = JournalState()
 
     def _flags(self) -> int:
-        return (OVERFLOWED if self._overflowed else 0) | (0 if self._trusted else UNTRUSTED)
+        return (
+            (OVERFLOWED if self._overflowed else 0)
+            | (0 if self._trusted else UNTRUSTED)
+            | (RESYNCING if self._resyncing else 0)
+        )
 
     # --- rewriting ------------------------------------------------------------------------
 
@@ -417,6 +451,7 @@ class Journal:
             self._reset_file(0)
             self._state = JournalState()
             self._trusted, self._overflowed, self._flagged = True, False, False
+            self._resyncing = False
             self.reason = ""
             self._synced = self._written
             self._compact_at = self._compact_min

@@ -37,10 +37,10 @@ from agent.mirror import link, quarantine
 from agent.mirror.apply import Applier
 from agent.mirror.excludes import Excludes
 from agent.mirror.fs import MirrorMount, clear_stale_mount
-from agent.mirror.journal import Journal
+from agent.mirror.journal import Journal, JournalError
 from agent.mirror.receiver import Receiver
 from agent.mirror.resync_source import Progress, RateLimit, SourceResync, verify_root
-from agent.mirror.sender import MirrorReplicator
+from agent.mirror.sender import LinkState, MirrorReplicator
 
 PR_SET_PDEATHSIG = 1
 FIGURES_EVERY = 1.0
@@ -197,13 +197,24 @@ class MirrorProcess:
             resync = "full"
         with self.replicator.ordered():
             self.replicator.absorb_held()
+            if resync == "incremental" and journal.resyncing:
+                # An earlier resync from this journal was cut short: the peer holds part of
+                # it. Comparing the journal's names by hashes sends only what still differs.
+                resync = "resume"
             plan = journal.plan()
+            names = sorted(journal.names())
+            if resync != "none":
+                try:
+                    journal.begin_resync()
+                except JournalError:
+                    resync = "full"  # the journal is untrusted now: compare everything
             self.replicator.attach(stream)
-            if resync == "incremental":
-                # Names first, in the same locked section that attaches the stream: every
-                # live operation from now on comes after them.
-                for op in plan.namespace:
-                    self.replicator.enqueue(op, live=False)
+            if resync in ("incremental", "resume"):
+                if resync == "incremental":
+                    # Names first, in the same locked section that attaches the stream: every
+                    # live operation from now on comes after them.
+                    for op in plan.namespace:
+                        self.replicator.enqueue(op, live=False)
                 self.replicator.resync_active = True
                 self.replicator.renamed_during_resync = False
         self.event({"event": "connected", "peer": stream.peer, "resync": resync})
@@ -212,6 +223,7 @@ class MirrorProcess:
         threading.Thread(
             target=self._resync,
             args=(resync, ranges, list(plan.metadata), command.get("done", {}), quarantine_first),
+            kwargs={"names": names},
             daemon=True,
         ).start()
 
@@ -222,6 +234,7 @@ class MirrorProcess:
         meta: list[tuple[int, str]],
         done: dict[str, Any],
         quarantine_first: bool = False,
+        names: list[tuple[int, str]] | None = None,
     ) -> None:
         assert self.replicator is not None
         self.progress = Progress(started=time.monotonic())
@@ -242,6 +255,10 @@ class MirrorProcess:
                 job.metadata_only(meta)
                 if self.replicator.renamed_during_resync:
                     job.full()
+            elif kind == "resume":
+                job.compare_names(names or [])
+                if self.replicator.renamed_during_resync:
+                    job.full()
             elif kind == "full":
                 job.full()
             if kind != "none":
@@ -256,7 +273,11 @@ class MirrorProcess:
             return
         finally:
             self.replicator.resync_active = False
-        self.replicator.journal.clear()
+        with self.replicator.ordered():
+            # Once the link is lost and the node journals again (ALONE), the journal also holds
+            # the writes the peer never acknowledged: it stays, and the next resync resumes.
+            if self.replicator.state is not LinkState.ALONE:
+                self.replicator.journal.clear()
         changed = [f"{self.dirs[r]}/{p}" for r, p in job.changed[:200]]
         self.event({"event": "resync_done", "kind": kind, "changed": changed, **self._progress()})
         self.progress = None

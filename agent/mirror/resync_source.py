@@ -142,6 +142,15 @@ class SourceResync:
                 break
         self._finish()
 
+    def compare_names(self, names: Sequence[tuple[int, str]]) -> None:
+        """Resume an interrupted resync: compare by hashes only the names the journal knows
+        changed (a directory with its subtree), so what the peer already got is not sent again."""
+        for root in range(len(self.root_fds)):
+            paths = sorted({p for r, p in names if r == root})
+            if paths:
+                self._full_pass(root, first=True, paths=paths)
+        self._finish()
+
     def touched_pass(self, touched: set[tuple[int, str]]) -> None:
         """Compare again what live operations touched while the resync ran: one that reached
         the secondary before the resync had made its parent was skipped there."""

@@ -34,7 +34,7 @@ from agent.core.mirror_ops import (
     paths_of,
     payload_bytes,
 )
-from agent.mirror.journal import Journal
+from agent.mirror.journal import Journal, JournalError
 from agent.mirror.link import LinkClosed, Stream
 from agent.mirror.replicator import WaitPoint
 
@@ -164,6 +164,11 @@ class MirrorReplicator:
                     parent = path.rpartition("/")[0]
                     if parent:
                         self.touched.add((op.root, parent))
+                # The journal keeps following the names while the resync runs (not durably:
+                # a crash here means a full resync anyway), so that one interrupted now is
+                # resumed over every name that may differ, a live rename's new name included.
+                with contextlib.suppress(JournalError):
+                    self.journal.append([op])
             if self.mode != "sync" and isinstance(op, Write) and isinstance(op.data, memoryview):
                 # Borrowed from the FUSE request, which ends before the op is sent in these
                 # modes (in sync mode the request waits for the ack, so the view stays valid).

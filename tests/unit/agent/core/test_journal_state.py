@@ -323,6 +323,40 @@ def test_the_replay_plan_rebuilds_the_end_state_from_the_start(
     assert len(compacted.entries()) == len(state.entries())
 
 
+def _entry(fs: ModelFS, key: Key) -> tuple[object, ...] | None:
+    if key not in fs.names:
+        return None
+    node = fs.node(key)
+    return (node.kind, bytes(node.data), sorted(node.meta.items(), key=str))
+
+
+@settings(max_examples=200, deadline=None)
+@given(sessions())
+def test_every_name_that_differs_from_the_start_is_one_the_state_names(
+    session: tuple[ModelFS, list[mo.Op]],
+) -> None:
+    """What an interrupted resync resumes from: comparing the state's names (a directory with
+    its subtree) by hashes finds every difference the session made."""
+    start, ops = session
+    end = start.copy()
+    state = JournalState()
+    for op in ops:
+        end.apply(op)
+        state.record(op)
+    named = state.names()
+    linked_before = {k for k in start.names if list(start.names.values()).count(start.names[k]) > 1}
+
+    def covered(key: Key) -> bool:
+        root, path = key
+        parts = path.split("/") if path else []
+        ancestors = {(root, "/".join(parts[:n])) for n in range(len(parts) + 1)}
+        return bool(ancestors & named)
+
+    for key in set(start.names) | set(end.names):
+        if _entry(start, key) != _entry(end, key) and key not in linked_before and key[1]:
+            assert covered(key), f"{key} changed but the state names neither it nor a parent"
+
+
 def test_a_hot_range_changes_the_state_once() -> None:
     state = JournalState()
     assert state.record(mo.Write(0, "db", 4096, b"x" * 4096))

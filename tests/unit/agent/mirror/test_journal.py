@@ -364,3 +364,24 @@ while True:
     print(i, flush=True)
     i += 1
 """
+
+
+def test_a_begun_resync_is_remembered_until_the_journal_is_cleared(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j", compact_at=4096)
+    journal.record([_write("a", 0)])
+    assert not journal.resyncing
+    journal.begin_resync()
+    for n in range(200):  # compacted meanwhile: the flag is in the rewritten header too
+        journal.record([_write("b", n * 2 * KIB4)])
+    journal.close()
+    again = Journal(tmp_path / "j")
+    try:
+        assert again.resyncing and again.usable
+        assert {(0, "a"), (0, "b")} <= again.names()
+        again.clear()
+        assert not again.resyncing
+    finally:
+        again.close()
+    reopened = Journal(tmp_path / "j")
+    assert not reopened.resyncing
+    reopened.close()
