@@ -39,7 +39,7 @@ from agent.core.states import State
 from agent.logs import log_event
 from agent.mirror import quarantine
 from agent.mirror.handle import MirrorError, MirrorHandle
-from agent.mirror.journal import Journal
+from agent.mirror.journal import ActivityLog, Journal
 from agent.store import Store
 
 log = logging.getLogger("tandem.replication")
@@ -95,6 +95,9 @@ class ReplicationRuntime:
     changed_files: list[str] = field(default_factory=list)
 
     pristine: bool = False  # the directories changed only through the mirror since the last sync
+    # Not pristine only because this node crashed while primary: its activity log names every
+    # place its copy may differ, so the new primary's resync can stay incremental.
+    covered: bool = False
 
     def __post_init__(self) -> None:
         raw = self.store.get(self._key("generations"))
@@ -102,6 +105,7 @@ class ReplicationRuntime:
             data = json.loads(raw)
             self.generations = Generations(data["c"], data["b"], tuple(data["h"]))
         self.pristine = self.store.get(self._key("pristine")) == "1"
+        self.covered = self.store.get(self._key("covered")) == "1"
         self.primary_since = float(self.store.get(self._key("primary_since")) or 0.0)
         self.peer_name = self.cluster.peer_of(self.node).name
         self.has_witness = self.cluster.witness is not None
@@ -112,11 +116,40 @@ class ReplicationRuntime:
             self.resolve_keep = (str(node), float(at))
         if self.store.get(self._key("mounted")) == "1":
             # This node crashed while primary: writes in flight may be here and not on the
-            # peer, so only a comparison of both sides by hashes may bring it back in sync.
-            self._set_pristine(False, "the agent stopped while primary: a full resync follows")
+            # peer. Its activity log names where; without one, hashes compare everything.
+            covered, why = self._activity_covers()
+            self._set_pristine(False, f"the agent stopped while primary: {why}")
+            self._set_covered(covered)
             self.store.put(self._key("mounted"), "0")
 
+    def _activity_covers(self) -> tuple[bool, str]:
+        path = self.state_dir / "mirror" / f"{self.cfg.name}.activity"
+        if not path.exists():
+            return False, "no activity log, a full resync follows"
+        try:
+            log = ActivityLog.load(path)
+        except OSError as exc:
+            return False, f"its activity log cannot be read ({exc}), a full resync follows"
+        try:
+            if not log.usable:
+                reason = log.reason or "writes were made alone"
+                return False, (
+                    f"its activity log does not cover it ({reason}): a full resync follows"
+                )
+            return True, (
+                f"its activity log names {len(log.hot())} place(s) the peer may lack: the next "
+                "resync sends those back"
+            )
+        finally:
+            log.close()
+
+    def _set_covered(self, covered: bool) -> None:
+        if covered != self.covered:
+            self.covered = covered
+            self.store.put(self._key("covered"), "1" if covered else "0")
+
     def _set_pristine(self, pristine: bool, why: str) -> None:
+        self._set_covered(False)  # only a crash while primary is covered, and only until a sync
         if pristine != self.pristine:
             self.pristine = pristine
             self.store.put(self._key("pristine"), "1" if pristine else "0")
@@ -152,6 +185,7 @@ class ReplicationRuntime:
         """What the peer needs in our heartbeat, compact: 32 modules must fit in one datagram.
 
         g: generations (current, bitmap, newest history id); rx: receiving; p: pristine;
+        al: not pristine, but its activity log names where (a crash while primary);
         ps: when this node last became primary; sb/jc: split seen, changes counted; rk: resolve.
         """
         g = self.generations
@@ -160,6 +194,8 @@ class ReplicationRuntime:
             out["rx"] = 1
         if self.pristine:
             out["p"] = 1
+        elif self.covered:
+            out["al"] = 1
         if self.primary_since:
             out["ps"] = round(self.primary_since, 1)
         if self.split_reported:
@@ -221,6 +257,7 @@ class ReplicationRuntime:
         # moves on from what the peer holds: a new generation, always (a swap included).
         self._save(self.generations.serving_alone(_new_id()), "primary: a new data generation")
         self.in_sync = False
+        self._set_covered(False)  # this copy is the reference now, not one to mend
         self.store.put(self._key("mounted"), "1")
         alive = self.role == "secondary" and self.handle is not None and self.handle.alive
         if alive and self.handle is not None and await self._promote(self.handle):
@@ -295,9 +332,18 @@ class ReplicationRuntime:
         if kind == "connected":
             self.connected, self.connecting, self.resyncing = True, False, True
             self.journalling = False
+            given_back = int(message.get("given_back") or 0)
             self.event(
-                "replication", f"mirroring to {message.get('peer')}: {message.get('resync')} resync"
+                "replication",
+                f"mirroring to {message.get('peer')}: {message.get('resync')} resync"
+                + (
+                    f", with {given_back} place(s) the peer's activity log named"
+                    if given_back
+                    else ""
+                ),
             )
+        elif kind == "activity_refused":
+            self.event("replication", f"{message.get('reason')}: comparing everything by hashes")
         elif kind == "connect_failed":
             self.connecting = False
             self.problem = str(message.get("reason"))
@@ -411,6 +457,7 @@ class ReplicationRuntime:
             here_pristine=self.pristine,
             peer_pristine=bool(peer_raw.get("p")),
             kept_here=split and self.keep_resolved(peer_raw) == self.node,
+            peer_covered=bool(peer_raw.get("al")),
         )
         if plan.problem is not None:
             self.problem = plan.problem
@@ -429,6 +476,7 @@ class ReplicationRuntime:
                 "resync": plan.resync,
                 "done": done,
                 "quarantine": plan.quarantine,
+                "activity": plan.activity,
             }
         )
 

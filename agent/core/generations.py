@@ -120,6 +120,7 @@ class ConnectPlan:
     resync: Resync | None  # None: do not connect now
     quarantine: bool = False  # the peer's differing files are kept aside before the resync
     problem: str | None = None  # said in status when it does not connect
+    activity: bool = False  # the peer's activity log adds what it may hold that we lack
 
 
 def plan_connect(
@@ -129,13 +130,15 @@ def plan_connect(
     here_pristine: bool,
     peer_pristine: bool,
     kept_here: bool,
+    peer_covered: bool = False,
 ) -> ConnectPlan:
     """A primary meeting its peer: which resync, and whether the peer's files are quarantined.
 
     `*_pristine`: nothing changed that node's copy outside the mirror since its generation
     began (a crash while primary, a module stopped there, a step-down all may have), so its
     generation alone describes it. `kept_here`: an administrator or a split-brain policy
-    chose this node's data.
+    chose this node's data. `peer_covered`: the peer is not pristine only because it crashed
+    while primary, and its activity log names every place it may differ.
     """
     if verdict in (SyncVerdict.INCREMENTAL_FROM_PEER, SyncVerdict.FULL_FROM_PEER):
         return ConnectPlan(None, problem="the peer has newer data than this primary")
@@ -145,8 +148,11 @@ def plan_connect(
     # Files found on a never-synced peer are kept, not lost.
     if verdict is SyncVerdict.IN_SYNC:
         return ConnectPlan("none", quarantine=peer_empty)
-    if verdict is SyncVerdict.INCREMENTAL_FROM_LOCAL and here_pristine and peer_pristine:
-        return ConnectPlan("incremental", quarantine=peer_empty)
+    if verdict is SyncVerdict.INCREMENTAL_FROM_LOCAL and here_pristine:
+        if peer_pristine:
+            return ConnectPlan("incremental", quarantine=peer_empty)
+        if peer_covered:
+            return ConnectPlan("incremental", quarantine=peer_empty, activity=True)
     return ConnectPlan("full", quarantine=peer_empty)
 
 

@@ -78,6 +78,7 @@ _METADATA = (Chmod, Chown, Utimens, SetXattr, RemoveXattr)
 _MADE = {Create: Unlink, Symlink: Unlink, Mknod: Unlink, Mkdir: Rmdir}
 _DIRTY = struct.Struct(">qqqH")
 _TOUCHED = struct.Struct(">q?H")
+_DIFFERS = struct.Struct(">qH")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +102,17 @@ class Touched:
     meta: bool
 
 
-Entry = Op | Dirty | Touched
+@dataclass(frozen=True, slots=True)
+class Differs:
+    """What exists at this name may differ from the peer's (an operation on it was in flight
+    when a primary crashed): compared by block hashes, with its subtree, after the replay."""
+
+    code: ClassVar[int] = 0x83
+    root: int
+    path: str
+
+
+Entry = Op | Dirty | Touched | Differs
 
 
 class ReplayPlan(NamedTuple):
@@ -132,6 +143,7 @@ class JournalState:
         self.namespace: list[Op] = []
         self._files: dict[Key, _File] = {}
         self._below: dict[Key, int] = {}  # how many tracked names lie under each directory
+        self.differs: set[Key] = set()  # names to compare by hashes (see Differs)
 
     # --- feeding ----------------------------------------------------------------------------
 
@@ -142,6 +154,12 @@ class JournalState:
             return self._dirty((entry.root, entry.path), entry.offset, end)
         if isinstance(entry, Dirty):
             return self._dirty((entry.root, entry.path), entry.start, entry.end)
+        if isinstance(entry, Differs):
+            key = (entry.root, entry.path)
+            if key in self.differs:
+                return False
+            self.differs.add(key)
+            return True
         if isinstance(entry, Touched):
             file = self._file((entry.root, entry.path))
             if entry.meta:
@@ -306,7 +324,8 @@ class JournalState:
 
     def entries(self) -> list[Entry]:
         """A short list of entries that, recorded into an empty state, rebuilds this one."""
-        out: list[Entry] = list(self.namespace)
+        out: list[Entry] = [Differs(root, path) for root, path in sorted(self.differs)]
+        out.extend(self.namespace)
         for (root, path), file in self._distinct():
             if file.shrunk is not None:
                 out.append(Truncate(root, path, file.shrunk))
@@ -320,7 +339,18 @@ class JournalState:
     def names(self) -> set[Key]:
         """Every name this state knows changed: each namespace operation's paths and each
         tracked file's names. What differs from the peer lies at these names (or below them)."""
-        out: set[Key] = set(self._files)
+        out: set[Key] = set(self._files) | self.differs
+        for op in self.namespace:
+            out.update((op.root, path) for path in _op_paths(op))
+        return out
+
+    def compare_names(self) -> set[Key]:
+        """What a resync compares by hashes after the replay: each Differs name and, when there
+        is one, every name a namespace operation touched (a rename may have moved what
+        differs there); empty when no name differs."""
+        if not self.differs:
+            return set()
+        out = set(self.differs)
         for op in self.namespace:
             out.update((op.root, path) for path in _op_paths(op))
         return out
@@ -328,7 +358,7 @@ class JournalState:
     @property
     def empty(self) -> bool:
         plan = self.replay_plan()
-        return not (plan.namespace or plan.ranges or plan.metadata)
+        return not (plan.namespace or plan.ranges or plan.metadata or self.differs)
 
     @property
     def bytes_estimate(self) -> int:
@@ -392,6 +422,9 @@ def encode_entry(entry: Entry) -> bytes:
     if isinstance(entry, Touched):
         raw = entry.path.encode("utf-8", "surrogateescape")
         return bytes((Touched.code,)) + _TOUCHED.pack(entry.root, entry.meta, len(raw)) + raw
+    if isinstance(entry, Differs):
+        raw = entry.path.encode("utf-8", "surrogateescape")
+        return bytes((Differs.code,)) + _DIFFERS.pack(entry.root, len(raw)) + raw
     return encode_op(entry)
 
 
@@ -409,6 +442,9 @@ def decode_entry(raw: bytes | memoryview) -> Entry:
     if view[0] == Touched.code:
         root, meta, size = _unpack(_TOUCHED, view, "Touched")
         return Touched(root, _path(view, 1 + _TOUCHED.size, size, "Touched"), bool(meta))
+    if view[0] == Differs.code:
+        root, size = _unpack(_DIFFERS, view, "Differs")
+        return Differs(root, _path(view, 1 + _DIFFERS.size, size, "Differs"))
     return decode_op(view)
 
 

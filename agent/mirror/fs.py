@@ -145,6 +145,8 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
     def _mutate(self, op: Op | None, action: Callable[..., object], *args: Any, **kw: Any) -> None:
         """Apply `action` locally and enqueue `op` (None: not mirrored) as one ordered step."""
         with self._ordered():
+            if op is not None:
+                self._rep.intend(op)
             action(*args, **kw)
             ticket = self._enqueue(op) if op is not None else 0
         if ticket:
@@ -246,6 +248,8 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
             out = self._out(rel, False)
             with self._ordered():
+                if not out:
+                    self._rep.intend(Truncate(self.root, rel, 0))
                 fd = os.open(rel, real | os.O_TRUNC, dir_fd=self.dir_fd)
                 if not out:
                     ticket = self._enqueue(Truncate(self.root, rel, 0))
@@ -267,6 +271,8 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
         out = self._out(rel, False)
         ticket = 0
         with self._ordered():
+            if not out:
+                self._rep.intend(Create(self.root, rel, perm, uid, gid))
             try:
                 fd = os.open(rel, real, perm, dir_fd=self.dir_fd)
             except FileExistsError:
@@ -300,6 +306,7 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
                 offset = os.fstat(fh).st_size
             if rel is None:  # unlinked while open, or excluded
                 return os.pwrite(fh, data, offset)
+            self._rep.intend(Write(self.root, rel, offset, data))
             # Enqueued before the local write, so the peer works on its copy meanwhile; a
             # local write that falls short is mended on the peer in the same ordered step.
             for piece in split_write(self.root, rel, offset, data, handle.sync, FRAME_DATA):
@@ -342,6 +349,8 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
         mirrored = rel is not None and not self._out(rel, False)
         ticket = 0
         with self._ordered():
+            if mirrored:
+                self._rep.intend(Truncate(self.root, rel, length))  # type: ignore[arg-type]
             if fh is not None:
                 os.ftruncate(fh, length)
             else:
@@ -366,6 +375,8 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
         mirrored = rel is not None and not self._out(rel, False)
         ticket = 0
         with self._ordered():
+            if mirrored:
+                self._rep.intend(Fallocate(self.root, rel, mode, offset, size))  # type: ignore[arg-type]
             _check(_libc.fallocate(fh, mode, offset, size), "fallocate")
             if mirrored:
                 ticket = self._enqueue(Fallocate(self.root, rel, mode, offset, size))  # type: ignore[arg-type]
@@ -462,6 +473,7 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
         new, old = target[1:], source[1:]
         fd = self.dir_fd
         with self._ordered():
+            self._rep.intend(Link(self.root, old, new))
             os.link(old, new, src_dir_fd=fd, dst_dir_fd=fd, follow_symlinks=False)
             ticket = 0
             if not self._out(new, False):
@@ -476,6 +488,7 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
     def rename(self, old: str, new: str, flags: int = 0) -> int:
         src, dst = old[1:], new[1:]
         with self._ordered():
+            self._rep.intend(Rename(self.root, src, dst, flags))
             if self._all_in:
                 self._rename_local(src, dst, flags)
                 ticket = self._enqueue(Rename(self.root, src, dst, flags))
@@ -628,6 +641,8 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
                 a = now if a == UTIME_NOW else old.st_atime_ns if a == UTIME_OMIT else a
                 m = now if m == UTIME_NOW else old.st_mtime_ns if m == UTIME_OMIT else m
                 times = (a, m)
+            if not out:
+                self._rep.intend(Utimens(self.root, rel, *times))
             os.utime(local, ns=times, dir_fd=fd, follow_symlinks=False)
             if not out:
                 # What the file system really kept (its time granularity), not what was asked.

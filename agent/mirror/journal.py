@@ -39,7 +39,14 @@ from pathlib import Path
 
 from blake3 import blake3
 
-from agent.core.journal_state import JournalState, ReplayPlan, decode_entry, encode_entry
+from agent.core.activity import EXTENT_SIZE, ActivityKey, Kind
+from agent.core.journal_state import (
+    Entry,
+    JournalState,
+    ReplayPlan,
+    decode_entry,
+    encode_entry,
+)
 from agent.core.mirror_ops import Op, OpError
 
 JOURNAL_MAGIC = b"TNDJRNL\x01"
@@ -52,8 +59,10 @@ RESYNCING = 4
 _HEADER = struct.Struct(">8sQ")
 _RECORD = struct.Struct(">II8s")
 _LENGTH = struct.Struct(">I")
-_EXTENT = struct.Struct(">BQ")
+_KEY = struct.Struct(">BBHQ")  # added/removed, kind, root, index; the path follows
 _ADD, _REMOVE = 1, 2
+_ALONE = 1 << 63  # activity header flag: writes were made alone, the keys do not cover them
+_OPEN = float("inf")  # a pinned key whose operation has no ticket yet
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
@@ -275,6 +284,25 @@ class Journal:
         with self._lock:
             return self._state.names()
 
+    def adopt(self, entries: Sequence[Entry]) -> None:
+        """Put `entries` BEFORE everything recorded (the returning peer's activity keys: they
+        name its copy as it was when this journal began), rewriting the file durably."""
+        with self._lock:
+            if self._closed:
+                raise JournalError(errno.EBADF, f"the journal {self.path} is closed")
+            if not self.usable or not entries:
+                return
+            state = JournalState()
+            for entry in [*entries, *self._state.entries()]:
+                state.record(entry)
+            self._state = state
+            self._compact_locked()
+
+    def compare_names(self) -> set[tuple[int, str]]:
+        """What a resync compares by hashes after the replay (see JournalState.compare_names)."""
+        with self._lock:
+            return self._state.compare_names()
+
     def begin_resync(self) -> None:
         """A resync starts sending this journal: say so durably in the header, so that an
         interrupted one is resumed (compared by hashes) rather than sent again whole."""
@@ -475,9 +503,18 @@ class Journal:
 
 
 class ActivityLog:
-    """The coarse extents that may hold writes the peer has not acknowledged (after a crash)."""
+    """The keys (agent.core.activity) where this copy may hold changes its peer never got.
 
-    def __init__(self, path: Path, extent_size: int = 4 << 20, slots: int = 64) -> None:
+    `pin` makes an operation's keys durably hot BEFORE this copy changes; `settle` gives
+    them the ticket of the mirrored operation; a key leaves the set (least recently used
+    first, once more than `slots` are hot) only when the peer has acknowledged its last
+    ticket, so every unacknowledged change is covered, however many are in flight. Writes
+    made while journalling alone are not pinned: `mark_alone` says durably that the log no
+    longer covers this copy (the journal's group commit follows the local write), until
+    `settled` after a resync.
+    """
+
+    def __init__(self, path: Path, extent_size: int = EXTENT_SIZE, slots: int = 64) -> None:
         if extent_size < 4096 or slots < 1:
             raise ValueError(
                 f"activity log extent_size {extent_size} / slots {slots}: give an extent of at"
@@ -488,9 +525,12 @@ class ActivityLog:
         self.slots = slots
         self.syncs = 0
         self.trusted = True
+        self.alone = False
         self.reason = ""
         self._lock = threading.Lock()
-        self._hot: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._hot: OrderedDict[ActivityKey, float] = OrderedDict()  # key -> ticket (inf: open)
+        self._open: list[ActivityKey] = []  # pinned, their operation not enqueued yet
+        self._rewrite_at = 1024 * slots  # the file is rewritten from the set past this size
         self._fd, raw = _open(self.path)
         self._size = len(raw)
         try:
@@ -501,9 +541,14 @@ class ActivityLog:
         self._closed = False
 
     @classmethod
-    def load(cls, path: Path, extent_size: int = 4 << 20, slots: int = 64) -> ActivityLog:
-        """Open an existing log (after a crash) to read its `extents`."""
+    def load(cls, path: Path, extent_size: int = EXTENT_SIZE, slots: int = 64) -> ActivityLog:
+        """Open an existing log (after a crash) to read its `keys`."""
         return cls(path, extent_size, slots)
+
+    @property
+    def usable(self) -> bool:
+        """Its keys cover every change the peer may lack (trusted, and no write made alone)."""
+        return self.trusted and not self.alone
 
     def _load(self, raw: bytes) -> None:
         scan = _scan(raw, ACTIVITY_MAGIC, self.path)
@@ -514,53 +559,56 @@ class ActivityLog:
         if scan.damage:
             self.trusted = False
             self.reason = scan.damage + "; the returning node must compare every block"
-        if scan.payloads and scan.header != self.extent_size:
-            self.extent_size = scan.header  # its indexes count extents of the size it was made with
+        self.alone = bool(scan.header & _ALONE)
+        if scan.payloads and scan.header & ~_ALONE != self.extent_size:
+            self.extent_size = scan.header & ~_ALONE  # its indexes count extents of that size
         for payload in scan.payloads:
             try:
-                kind, index = _EXTENT.unpack_from(payload)
-                name = payload[_EXTENT.size :].decode("utf-8", "surrogateescape")
-            except (struct.error, UnicodeDecodeError) as exc:
+                change, kind, root, index = _KEY.unpack_from(payload)
+                name = payload[_KEY.size :].decode("utf-8", "surrogateescape")
+                Kind(kind)
+            except (struct.error, UnicodeDecodeError, ValueError) as exc:
                 self.trusted = False
-                self.reason = f"{self.path}: a record is not an extent ({exc})"
+                self.reason = f"{self.path}: a record is not an activity key ({exc})"
                 break
-            if kind == _ADD:
-                self._hot[(name, index)] = None
+            key = (kind, root, name, index)
+            if change == _ADD:
+                self._hot[key] = 0.0  # from an earlier run: the peer never acknowledged it
             else:
-                self._hot.pop((name, index), None)
+                self._hot.pop(key, None)
         if scan.torn and not scan.damage:
             os.ftruncate(self._fd, scan.end)
             os.fdatasync(self._fd)
             self._size = scan.end
-        if not scan.payloads and not scan.damage:
+        if not scan.payloads and not scan.damage and not self.alone:
             self._reset()
 
-    def touch(self, path: str, offset: int, length: int) -> None:
-        """Before a write to [offset, offset+length) of `path`: its extents are durably hot."""
-        if length <= 0:
+    def pin(self, keys: Sequence[ActivityKey], acked: int) -> None:
+        """Before a change to `keys`: they are durably hot when this returns. Keys whose last
+        ticket is at most `acked` may leave the set to keep it near `slots`."""
+        if not keys:
             return
-        first = offset // self.extent_size
-        last = (offset + length - 1) // self.extent_size
         with self._lock:
             hot = self._hot
             new = []
-            for index in range(first, last + 1):
-                key = (path, index)
+            for key in keys:
                 if key in hot:
                     hot.move_to_end(key)
                 else:
                     new.append(key)
+                hot[key] = _OPEN
+                self._open.append(key)
             if not new:
                 return
-            records = []
-            for key in new:
-                hot[key] = None
-                records.append(_extent_record(_ADD, key))
-            while len(hot) > max(self.slots, len(new)):
-                old, _ = hot.popitem(last=False)
-                records.append(_extent_record(_REMOVE, old))
+            records = [_key_record(_ADD, key) for key in new]
+            while len(hot) > self.slots:
+                oldest, ticket = next(iter(hot.items()))
+                if ticket > acked:
+                    break  # still in flight: the set grows rather than lose it
+                del hot[oldest]
+                records.append(_key_record(_REMOVE, oldest))
             blob = b"".join(records)
-            if self._size + len(blob) > max(4096, 1024 * self.slots):  # 64 KiB for 64 slots
+            if self._size + len(blob) > self._rewrite_at:
                 self._rewrite()
             else:
                 _write_all(self._fd, blob, self._size)
@@ -568,30 +616,72 @@ class ActivityLog:
                 self._size += len(blob)
             self.syncs += 1
 
+    def settle(self, ticket: int) -> None:
+        """The operation that pinned the open keys is enqueued as `ticket` (no I/O)."""
+        with self._lock:
+            for key in self._open:
+                if self._hot.get(key) == _OPEN:
+                    self._hot[key] = ticket
+            self._open.clear()
+
+    def mark_alone(self) -> None:
+        """This copy now changes without the log: it no longer covers it (durably)."""
+        with self._lock:
+            if self.alone or self._closed:
+                return
+            self.alone = True
+            try:
+                self._write_header()
+            except OSError as exc:
+                # A log that still claims to cover this copy must not outlive this failure.
+                self.trusted = False
+                self.reason = f"marking {self.path} failed: {exc.strerror}"
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+
+    def settled(self, acked: int) -> None:
+        """The peer holds everything up to `acked` (a resync ended): keys with nothing newer
+        in flight leave, and the log covers this copy again."""
+        with self._lock:
+            for key in [k for k, ticket in self._hot.items() if ticket <= acked]:
+                del self._hot[key]
+            self.alone = False
+            self.trusted, self.reason = True, ""
+            self._rewrite()
+
+    def _write_header(self) -> None:
+        os.pwrite(self._fd, _HEADER.pack(ACTIVITY_MAGIC, self._header()), 0)
+        os.fdatasync(self._fd)
+
+    def _header(self) -> int:
+        return self.extent_size | (_ALONE if self.alone else 0)
+
     def _rewrite(self) -> None:
-        body = b"".join(_extent_record(_ADD, key) for key in self._hot)
-        content = _HEADER.pack(ACTIVITY_MAGIC, self.extent_size) + body
+        body = b"".join(_key_record(_ADD, key) for key in self._hot)
+        content = _HEADER.pack(ACTIVITY_MAGIC, self._header()) + body
         fd = _rewrite(self.path, content)
         os.close(self._fd)
         self._fd = fd
         self._size = len(content)
+        self._rewrite_at = max(1024 * self.slots, 2 * self._size)
 
-    def extents(self) -> list[tuple[str, int, int]]:
-        """(path, offset, length) of every hot extent, least recently used first."""
+    def hot(self) -> list[ActivityKey]:
+        """Every hot key, least recently used first."""
         with self._lock:
-            size = self.extent_size
-            return [(path, index * size, size) for path, index in self._hot]
+            return list(self._hot)
 
     def clear(self) -> None:
-        """The peer holds everything: no extent is hot any more, durably."""
+        """This copy holds exactly the peer's data: no key is hot any more, durably."""
         with self._lock:
             self._hot.clear()
+            self._open.clear()
+            self.alone = False
             self._reset()
             self.trusted, self.reason = True, ""
 
     def _reset(self) -> None:
         os.ftruncate(self._fd, 0)
-        _write_all(self._fd, _HEADER.pack(ACTIVITY_MAGIC, self.extent_size), 0)
+        _write_all(self._fd, _HEADER.pack(ACTIVITY_MAGIC, self._header()), 0)
         os.fdatasync(self._fd)
         self._size = _HEADER.size
 
@@ -602,6 +692,6 @@ class ActivityLog:
                 os.close(self._fd)
 
 
-def _extent_record(kind: int, key: tuple[str, int]) -> bytes:
-    name, index = key
-    return _frame(_EXTENT.pack(kind, index) + name.encode("utf-8", "surrogateescape"))
+def _key_record(change: int, key: ActivityKey) -> bytes:
+    kind, root, name, index = key
+    return _frame(_KEY.pack(change, kind, root, index) + name.encode("utf-8", "surrogateescape"))

@@ -199,6 +199,25 @@ class Stream:
         self._start = start + need
         return header, payload
 
+    def request(
+        self, message: dict[str, Any], timeout: float = HANDSHAKE_TIMEOUT
+    ) -> dict[str, Any]:
+        """One control request and its answer, before the session's operations (the receiver
+        counts neither); LinkClosed if no answer comes within `timeout`."""
+        self.sock.settimeout(timeout)
+        try:
+            self.send_json(mf.FrameKind.CONTROL, message)
+            header, payload = self.receive()
+            body = mf.decode_json(payload)
+        finally:
+            with contextlib.suppress(OSError):
+                self.sock.settimeout(None)
+        if header.kind is mf.FrameKind.ERROR:
+            raise LinkClosed(f"the peer refused {message.get('type')}: {body.get('reason', '?')}")
+        if header.kind is not mf.FrameKind.CONTROL or body.get("type") != message.get("type"):
+            raise LinkClosed(f"the peer did not answer {message.get('type')}")
+        return body
+
     def pending(self) -> bool:
         """Whether more of the stream is already here (in the buffer or the socket)."""
         if self._end > self._start:

@@ -32,12 +32,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent.core.activity import ActivityKey, Kind, journal_entries
+from agent.core.journal_state import Entry
 from agent.keys import load_key
 from agent.mirror import link, quarantine
 from agent.mirror.apply import Applier
 from agent.mirror.excludes import Excludes
 from agent.mirror.fs import MirrorMount, clear_stale_mount
-from agent.mirror.journal import Journal, JournalError
+from agent.mirror.journal import ActivityLog, Journal, JournalError
 from agent.mirror.receiver import Receiver
 from agent.mirror.resync_source import Progress, RateLimit, SourceResync, verify_root
 from agent.mirror.sender import LinkState, MirrorReplicator
@@ -110,9 +112,21 @@ class MirrorProcess:
         self.receiver_thread: threading.Thread | None = None
         self.receiver: Receiver | None = None
         self._quarantine_dir: Path | None = None
+        self.activity: ActivityLog | None = None
+        # Secondary: what this node's activity log says it may hold that the primary lacks
+        # (left by a crash while it was primary), until a resync has made it the primary's.
+        self.leftover: dict[str, Any] | None = None
         self._stopping = threading.Event()
 
+    @property
+    def activity_path(self) -> Path:
+        return self.state_dir / f"{self.module}.activity"
+
     def event(self, message: dict[str, Any]) -> None:
+        if message.get("event") == "control" and message.get("type") == "resync_done":
+            # This copy is now exactly the primary's: nothing of its own is left to give back.
+            self.leftover = None
+            self.activity_path.unlink(missing_ok=True)
         self.control.send(message)
 
     # --- roles -------------------------------------------------------------------------------
@@ -120,6 +134,7 @@ class MirrorProcess:
     def start_primary(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         journal = Journal(self.state_dir / f"{self.module}.journal")
+        self.activity = ActivityLog(self.activity_path)
         self.replicator = MirrorReplicator(
             self.spec.get("mode", "sync"),
             journal,
@@ -127,6 +142,7 @@ class MirrorProcess:
             on_event=self.event,
             async_max_bytes=int(self.spec.get("async_max_bytes", 64 << 20)),
             async_max_age=float(self.spec.get("async_max_age", 5.0)),
+            activity=self.activity,
         )
         for index, path in enumerate(self.dirs):
             clear_stale_mount(path)
@@ -163,6 +179,15 @@ class MirrorProcess:
         self.event({"event": "promoted"})
 
     def start_secondary(self) -> None:
+        if self.activity_path.exists():
+            log = ActivityLog.load(self.activity_path)
+            self.leftover = {
+                "usable": log.usable,
+                "reason": log.reason or ("written alone" if log.alone else ""),
+                "extent": log.extent_size,
+                "keys": [list(key) for key in log.hot()],
+            }
+            log.close()
         for path in self.dirs:
             clear_stale_mount(path)
             _ensure_dir(path)
@@ -190,6 +215,18 @@ class MirrorProcess:
             self.event({"event": "connect_failed", "reason": str(exc)})
             return
         resync = str(command.get("resync", "none"))
+        given_back: list[Entry] = []
+        if command.get("activity"):
+            # The peer crashed while primary: what its activity log names may differ here.
+            try:
+                given_back = _activity_entries(stream.request({"type": "activity"}))
+            except link.LinkClosed as exc:
+                stream.close()
+                self.event({"event": "connect_failed", "reason": str(exc)})
+                return
+            except ValueError as exc:
+                self.event({"event": "activity_refused", "reason": str(exc)})
+                resync = "full"
         journal = self.replicator.journal
         if resync == "none" and (not journal.state.empty or self.replicator.holds_ops()):
             resync = "incremental"  # written here after the peer last had our data
@@ -197,12 +234,15 @@ class MirrorProcess:
             resync = "full"
         with self.replicator.ordered():
             self.replicator.absorb_held()
+            if resync == "incremental":
+                journal.adopt(given_back)
             if resync == "incremental" and journal.resyncing:
                 # An earlier resync from this journal was cut short: the peer holds part of
                 # it. Comparing the journal's names by hashes sends only what still differs.
                 resync = "resume"
             plan = journal.plan()
             names = sorted(journal.names())
+            compare = sorted(journal.compare_names())
             if resync != "none":
                 try:
                     journal.begin_resync()
@@ -217,13 +257,20 @@ class MirrorProcess:
                         self.replicator.enqueue(op, live=False)
                 self.replicator.resync_active = True
                 self.replicator.renamed_during_resync = False
-        self.event({"event": "connected", "peer": stream.peer, "resync": resync})
+        self.event(
+            {
+                "event": "connected",
+                "peer": stream.peer,
+                "resync": resync,
+                "given_back": len(given_back),
+            }
+        )
         quarantine_first = bool(command.get("quarantine"))
         ranges = {key: list(spans) for key, spans in plan.ranges.items()}
         threading.Thread(
             target=self._resync,
             args=(resync, ranges, list(plan.metadata), command.get("done", {}), quarantine_first),
-            kwargs={"names": names},
+            kwargs={"names": names, "compare": compare},
             daemon=True,
         ).start()
 
@@ -235,6 +282,7 @@ class MirrorProcess:
         done: dict[str, Any],
         quarantine_first: bool = False,
         names: list[tuple[int, str]] | None = None,
+        compare: list[tuple[int, str]] | None = None,
     ) -> None:
         assert self.replicator is not None
         self.progress = Progress(started=time.monotonic())
@@ -253,6 +301,8 @@ class MirrorProcess:
             if kind == "incremental":
                 job.incremental(ranges)
                 job.metadata_only(meta)
+                if compare:
+                    job.compare_names(compare)  # names the returning peer changed in flight
                 if self.replicator.renamed_during_resync:
                     job.full()
             elif kind == "resume":
@@ -278,6 +328,8 @@ class MirrorProcess:
             # the writes the peer never acknowledged: it stays, and the next resync resumes.
             if self.replicator.state is not LinkState.ALONE:
                 self.replicator.journal.clear()
+                if self.activity is not None:
+                    self.activity.settled(ticket)
         changed = [f"{self.dirs[r]}/{p}" for r, p in job.changed[:200]]
         self.event({"event": "resync_done", "kind": kind, "changed": changed, **self._progress()})
         self.progress = None
@@ -305,7 +357,13 @@ class MirrorProcess:
             return
         applier = Applier(self.root_fds, [str(d) for d in self.dirs], self.excluded)
         receiver = Receiver(
-            stream, applier, self.root_fds, self.event, self.excluded, self._quarantine
+            stream,
+            applier,
+            self.root_fds,
+            self.event,
+            self.excluded,
+            self._quarantine,
+            self._activity_answer,
         )
 
         def serve() -> None:
@@ -317,6 +375,11 @@ class MirrorProcess:
         self.receiver = receiver
         self.receiver_thread = threading.Thread(target=serve, daemon=True)
         self.receiver_thread.start()
+
+    def _activity_answer(self) -> dict[str, Any]:
+        if self.leftover is None:
+            return {"type": "activity", "usable": False, "reason": "no activity log left here"}
+        return {"type": "activity", **self.leftover}
 
     def _quarantine(self, root: int, paths: list[str]) -> None:
         """Keep this node's versions of `paths` before the resync replaces them."""
@@ -387,6 +450,8 @@ class MirrorProcess:
         if self.replicator is not None:
             self.replicator.step_down("mirror stopped")
             self.replicator.journal.close()
+        if self.activity is not None:
+            self.activity.close()
 
     def run(self) -> None:
         while True:
@@ -419,6 +484,30 @@ class MirrorProcess:
                 break
         self.stop()
         self.event({"event": "stopped"})
+
+
+def _activity_entries(answer: dict[str, Any]) -> list[Entry]:
+    """The journal entries for the keys a returning peer sent; ValueError (with the reason)
+    when its log cannot be used, so the resync compares everything instead."""
+    if not answer.get("usable"):
+        raise ValueError(f"the peer's activity log is not usable: {answer.get('reason') or '?'}")
+    extent, raw = answer.get("extent"), answer.get("keys")
+    if not isinstance(extent, int) or extent < 4096 or not isinstance(raw, list):
+        raise ValueError("the peer's activity log answer is malformed")
+    keys: list[ActivityKey] = []
+    for item in raw:
+        if not (
+            isinstance(item, list)
+            and len(item) == 4
+            and item[0] in tuple(Kind)
+            and isinstance(item[1], int)
+            and isinstance(item[2], str)
+            and isinstance(item[3], int)
+            and item[3] >= 0
+        ):
+            raise ValueError(f"the peer's activity log holds a bad key: {item!r}")
+        keys.append((int(item[0]), item[1], item[2], item[3]))
+    return journal_entries(keys, extent)
 
 
 def _ensure_dir(path: Path) -> None:

@@ -37,6 +37,7 @@ class Receiver:
         on_event: Callable[[dict[str, Any]], None],
         excluded: Sequence[Callable[[str, bool], bool] | None],
         quarantine: Callable[[int, list[str]], None] | None = None,
+        activity: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.stream = stream
         self.applier = applier
@@ -44,6 +45,7 @@ class Receiver:
         self.excluded = list(excluded)
         self._on_event = on_event
         self._quarantine = quarantine
+        self._activity = activity or _no_activity
         self.applied = 0
         self.applied_bytes = 0
         self.resyncing = False
@@ -77,7 +79,12 @@ class Receiver:
                         self.skipped += 1
                     self.applied += 1
                 elif header.kind is mf.FrameKind.CONTROL:
-                    self._control(mf.decode_json(payload))
+                    message = mf.decode_json(payload)
+                    if message.get("type") == "activity":
+                        # Asked before the session's operations; not one of them (not acked).
+                        self.stream.send_json(mf.FrameKind.CONTROL, self._activity())
+                        continue
+                    self._control(message)
                 else:
                     raise mf.StreamError(f"unexpected {header.kind.name} frame from the primary")
                 processed += 1
@@ -143,3 +150,7 @@ class Receiver:
     def _refuse(self, reason: str) -> None:
         with contextlib.suppress(LinkClosed):
             self.stream.send_json(mf.FrameKind.ERROR, {"reason": reason})
+
+
+def _no_activity() -> dict[str, Any]:
+    return {"type": "activity", "usable": False, "reason": "this node keeps no activity log"}

@@ -1,8 +1,9 @@
 """What the mirror file system needs from replication: ordering, tickets and wait points.
 
-The file system applies each mutation locally and enqueues it while holding
-`ordered()`, so the stream's order equals the local order; it then waits
-outside the lock at the point the operation reached. How long a wait blocks is
+The file system says what it is about to change (`intend`), applies each
+mutation locally and enqueues it while holding `ordered()`, so the stream's
+order equals the local order; it then waits outside the lock at the point the
+operation reached. How long a wait blocks is
 the replication mode's business (sync: every op; flush: CLOSE and DURABLE;
 async: rarely), not the file system's.
 """
@@ -33,6 +34,11 @@ class Replicator(Protocol):
         lock: reusable, nothing allocated per mutation on the hot path)."""
         ...
 
+    def intend(self, op: Op) -> None:
+        """Before `op` changes this copy (inside ordered(), then `enqueue` it): what it may
+        change is recorded durably where a crash could leave it unknown to the peer."""
+        ...
+
     def enqueue(self, op: Op) -> int:
         """Queue `op` (inside ordered()); returns its ticket, increasing with each op.
 
@@ -55,6 +61,9 @@ class LocalReplicator:
 
     def ordered(self) -> AbstractContextManager[object]:
         return self._ordered
+
+    def intend(self, op: Op) -> None:
+        return None
 
     def enqueue(self, op: Op) -> int:
         self._seq += 1

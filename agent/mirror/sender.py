@@ -24,6 +24,7 @@ from enum import StrEnum
 from typing import Any, Literal
 
 from agent.core import mirror_frames as mf
+from agent.core.activity import activity_keys
 from agent.core.mirror_ops import (
     Buffer,
     Op,
@@ -34,7 +35,7 @@ from agent.core.mirror_ops import (
     paths_of,
     payload_bytes,
 )
-from agent.mirror.journal import Journal, JournalError
+from agent.mirror.journal import ActivityLog, Journal, JournalError
 from agent.mirror.link import LinkClosed, Stream
 from agent.mirror.replicator import WaitPoint
 
@@ -97,9 +98,11 @@ class MirrorReplicator:
         async_max_bytes: int = 64 << 20,
         async_max_age: float = 5.0,
         flush_window_bytes: int = 256 << 20,
+        activity: ActivityLog | None = None,
     ) -> None:
         self.mode: Mode = mode
         self.journal = journal
+        self.activity = activity  # what a crash could leave here unknown to the peer
         self.ack_timeout = ack_timeout
         self._on_event = on_event
         self._max_pending = async_max_bytes if mode == "async" else flush_window_bytes
@@ -143,11 +146,21 @@ class MirrorReplicator:
     def ordered(self) -> AbstractContextManager[object]:
         return self._order
 
+    def intend(self, op: Op) -> None:
+        """While the peer may lack what this copy holds (mirroring, or holding writes), the
+        activity log pins what `op` may change before it changes here. Alone, the journal
+        covers it; stepped down, nothing changes."""
+        activity = self.activity
+        if activity is not None and self._state in (LinkState.CONNECTED, LinkState.HELD):
+            activity.pin(activity_keys(op, activity.extent_size), self._acked)
+
     def enqueue(self, op: Op, *, live: bool = True) -> int:
         """`live`: an application's operation (a resync's own are not `live`)."""
         with self._cond:
             self._seq += 1
             seq = self._seq
+            if live and self.activity is not None:
+                self.activity.settle(seq)
             if self._state is LinkState.ALONE:
                 # Appended in order here; made durable in wait(), where concurrent writers
                 # share one fdatasync instead of queueing behind each other's.
@@ -347,7 +360,13 @@ class MirrorReplicator:
 
     def go_alone(self, reason: str) -> None:
         """The agent serves without the peer: journal every held op, then release their waits."""
-        with self._order, self._cond:
+        with self._order:
+            if self.activity is not None:
+                self.activity.mark_alone()  # before any write is made without it
+            self._go_alone(reason)
+
+    def _go_alone(self, reason: str) -> None:
+        with self._cond:
             held = [op for op, _ in self._unacked.values()]
             if held:
                 self.journal.record(held)

@@ -177,17 +177,20 @@ TestPair = Pair.TestCase
 # --- plan_connect: every verdict with every flag --------------------------------------------
 
 SPLITS = {SyncVerdict.SPLIT_BRAIN, SyncVerdict.UNRELATED}
-FLAGS = list(itertools.product([False, True], repeat=4))
+FLAGS = list(itertools.product([False, True], repeat=5))
 
 
 @pytest.mark.parametrize("verdict", list(SyncVerdict))
-@pytest.mark.parametrize(("peer_empty", "here_pristine", "peer_pristine", "kept_here"), FLAGS)
+@pytest.mark.parametrize(
+    ("peer_empty", "here_pristine", "peer_pristine", "kept_here", "peer_covered"), FLAGS
+)
 def test_a_primary_connects_only_when_nothing_can_be_lost_and_keeps_what_it_overwrites(
     verdict: SyncVerdict,
     peer_empty: bool,
     here_pristine: bool,
     peer_pristine: bool,
     kept_here: bool,
+    peer_covered: bool,
 ) -> None:
     plan = plan_connect(
         verdict,
@@ -195,6 +198,7 @@ def test_a_primary_connects_only_when_nothing_can_be_lost_and_keeps_what_it_over
         here_pristine=here_pristine,
         peer_pristine=peer_pristine,
         kept_here=kept_here,
+        peer_covered=peer_covered,
     )
     if verdict in FROM_PEER:
         # The peer holds writes this primary lacks: overwriting them would lose them.
@@ -206,10 +210,15 @@ def test_a_primary_connects_only_when_nothing_can_be_lost_and_keeps_what_it_over
         assert plan == (ConnectPlan("full", quarantine=True) if kept_here else ConnectPlan(None))
         return
     assert plan.resync is not None
-    # A journal describes the difference only if neither copy changed outside the mirror.
+    # A journal describes the difference only if neither copy changed outside the mirror, or
+    # the peer's activity log names where it did (a crash while it was primary).
     assert (plan.resync == "incremental") == (
-        verdict is SyncVerdict.INCREMENTAL_FROM_LOCAL and here_pristine and peer_pristine
+        verdict is SyncVerdict.INCREMENTAL_FROM_LOCAL
+        and here_pristine
+        and (peer_pristine or peer_covered)
     )
+    # The activity log is asked for exactly when the peer's copy is not pristine.
+    assert plan.activity == (plan.resync == "incremental" and not peer_pristine)
     assert (plan.resync == "none") == (verdict is SyncVerdict.IN_SYNC)
     # Files found on a peer with no generation were never mirrored: kept, not overwritten.
     assert plan.quarantine == peer_empty

@@ -41,6 +41,7 @@ from agent.core.mirror_ops import (
     Write,
 )
 from agent.mirror.apply import Applier
+from agent.core.activity import ActivityKey, Kind, activity_keys
 from agent.mirror.excludes import Excludes
 from agent.mirror.fs import CHUNK, MirrorMount, clear_stale_mount
 from agent.mirror.replicator import LocalReplicator, WaitPoint
@@ -53,6 +54,9 @@ RENAME_EXCHANGE = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+EXTENT = 4096
+
+
 class Recorder:
     """A replicator that keeps every op and every wait; `fail` makes waits refuse (EIO)."""
 
@@ -60,18 +64,38 @@ class Recorder:
         self.ops: list[Op] = []
         self.waits: list[tuple[int, WaitPoint]] = []
         self.fail = False
+        self.unannounced: list[Op] = []  # enqueued without an `intend` that covers them
+        self._pinned: set[ActivityKey] = set()
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
     def ordered(self) -> Iterator[None]:
         with self._lock:
+            self._pinned = set()
             yield
 
+    def intend(self, op: Op) -> None:
+        self._pinned.update(activity_keys(op, EXTENT))
+
     def enqueue(self, op: Op) -> int:
+        if not all(self._covered(key) for key in activity_keys(op, EXTENT)):
+            self.unannounced.append(op)
         if isinstance(op, Write):  # lent by the FUSE request: kept here, so copied
             op = dataclasses.replace(op, data=bytes(op.data))
         self.ops.append(op)
         return len(self.ops)
+
+    def _covered(self, key: ActivityKey) -> bool:
+        """Pinned itself, or below a name pinned (a rename out of an excluded name sends the
+        tree it moved)."""
+        if key in self._pinned:
+            return True
+        _kind, root, path, _index = key
+        parts = path.split("/")
+        return any(
+            (Kind.NAME, root, "/".join(parts[:n]), 0) in self._pinned
+            for n in range(1, 1 + len(parts))
+        )
 
     def wait(self, ticket: int, point: WaitPoint) -> None:
         self.waits.append((ticket, point))
@@ -305,6 +329,8 @@ def test_the_mirror_behaves_as_the_plain_directory_and_its_ops_rebuild_the_tree(
     assert [op.offset for op in appends] == [6 * i for i in range(10)]
     assert Truncate(0, "a", 0) in recorder.ops  # O_TRUNC is mirrored as a truncate
     assert Rename(0, "x1", "x2", RENAME_EXCHANGE) in recorder.ops
+    # Each change was announced before it was made here (what a crash could leave unsent).
+    assert recorder.unannounced == []
 
 
 def test_local_errors_reach_the_application_and_enqueue_nothing(base: Path) -> None:
@@ -453,6 +479,7 @@ def test_renames_across_the_exclusion_boundary_keep_the_peer_equal(base: Path) -
     del got["."], want["."]  # the top's mtime moved with excluded entries, not mirrored
     assert got == want
     assert (rebuilt / "w.bin").read_bytes() == payload
+    assert recorder.unannounced == []
 
 
 def test_two_mounts_in_one_process_and_an_idempotent_stop(base: Path) -> None:
@@ -475,6 +502,7 @@ def test_two_mounts_in_one_process_and_an_idempotent_stop(base: Path) -> None:
 STALE_MOUNTER = """
 import sys, time
 from pathlib import Path
+from agent.core.activity import ActivityKey, Kind, activity_keys
 from agent.mirror.excludes import Excludes
 from agent.mirror.fs import MirrorMount
 from agent.mirror.replicator import LocalReplicator

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.core import mirror_ops as mo
+from agent.core.activity import ActivityKey, Kind
 from agent.core.ranges import RangeSet
 from agent.mirror.journal import ActivityLog, Journal
 
@@ -241,80 +242,109 @@ def test_a_bound_too_small_is_refused_clearly(tmp_path: Path) -> None:
 # --- the activity log ---------------------------------------------------------------------
 
 
-def test_touching_a_hot_extent_again_costs_nothing(tmp_path: Path) -> None:
+def _extent(path: str, index: int) -> ActivityKey:
+    return (Kind.EXTENT, 0, path, index)
+
+
+def _pinned(log: ActivityLog, ticket: int, *keys: ActivityKey, acked: int = 0) -> None:
+    log.pin(list(keys), acked)
+    log.settle(ticket)
+
+
+def test_pinning_a_hot_key_again_costs_nothing(tmp_path: Path) -> None:
     log = ActivityLog(tmp_path / "al", extent_size=1 << 20, slots=4)
     try:
-        log.touch("db", 0, 4096)
+        _pinned(log, 1, _extent("db", 0))
         size = os.path.getsize(tmp_path / "al")
-        log.touch("db", 8192, 4096)
-        log.touch("db", 0, 1 << 20)
-        log.touch("db", 5, 0)
+        _pinned(log, 2, _extent("db", 0))
+        log.pin([], 0)
         assert log.syncs == 1
         assert os.path.getsize(tmp_path / "al") == size
-        assert log.extents() == [("db", 0, 1 << 20)]
+        assert log.hot() == [_extent("db", 0)]
     finally:
         log.close()
 
 
-def test_after_a_crash_the_hot_extents_are_known(tmp_path: Path) -> None:
+def test_after_a_crash_the_hot_keys_are_known(tmp_path: Path) -> None:
     log = ActivityLog(tmp_path / "al", extent_size=1 << 20, slots=8)
-    log.touch("a", (1 << 20) - 10, 20)  # spans two extents
-    log.touch("b/c", 5 << 20, 1)
+    keys = [_extent("a", 0), _extent("a", 1), (Kind.NAME, 1, "b/c", 0), (Kind.META, 0, "é", 0)]
+    _pinned(log, 1, *keys)
     log.close()  # as a crash leaves it: nothing more is written at close
     loaded = ActivityLog.load(tmp_path / "al", extent_size=4 << 20)
     try:
-        assert loaded.trusted
+        assert loaded.usable
         assert loaded.extent_size == 1 << 20  # the file's own extent size counts
-        assert loaded.extents() == [
-            ("a", 0, 1 << 20),
-            ("a", 1 << 20, 1 << 20),
-            ("b/c", 5 << 20, 1 << 20),
-        ]
+        assert loaded.hot() == keys
         loaded.clear()
-        assert loaded.extents() == []
+        assert loaded.hot() == []
     finally:
         loaded.close()
     empty = ActivityLog.load(tmp_path / "al")
-    assert empty.extents() == []
+    assert empty.hot() == [] and empty.usable
     empty.close()
 
 
-def test_the_least_recently_used_extent_leaves_the_set(tmp_path: Path) -> None:
+def test_a_key_leaves_the_set_only_once_the_peer_acknowledged_it(tmp_path: Path) -> None:
     log = ActivityLog(tmp_path / "al", extent_size=4096, slots=2)
-    log.touch("f", 0, 1)
-    log.touch("f", 4096, 1)
-    log.touch("f", 0, 1)  # extent 0 is the most recent now
-    log.touch("f", 8192, 1)  # evicts extent 1
-    assert log.extents() == [("f", 0, 4096), ("f", 8192, 4096)]
+    _pinned(log, 1, _extent("f", 0))
+    _pinned(log, 2, _extent("f", 1))
+    _pinned(log, 3, _extent("f", 0))  # extent 0 is the most recent now
+    _pinned(log, 4, _extent("f", 2), acked=2)  # extent 1 (ticket 2) was acknowledged
+    assert log.hot() == [_extent("f", 0), _extent("f", 2)]
+    _pinned(log, 5, _extent("f", 3), acked=2)  # nothing acknowledged: the set grows
+    _pinned(log, 6, _extent("f", 4), acked=2)
+    assert len(log.hot()) == 4
+    log.pin([_extent("f", 5)], acked=6)  # its operation has no ticket yet: never evicted
+    _pinned(log, 7, _extent("f", 6), acked=6)
+    assert log.hot() == [_extent("f", 5), _extent("f", 6)]
     log.close()
     reloaded = ActivityLog.load(tmp_path / "al", extent_size=4096, slots=2)
-    assert sorted(reloaded.extents()) == [("f", 0, 4096), ("f", 8192, 4096)]
+    assert reloaded.hot() == [_extent("f", 5), _extent("f", 6)]
     reloaded.close()
+
+
+def test_writes_made_alone_leave_the_log_unusable_until_settled(tmp_path: Path) -> None:
+    log = ActivityLog(tmp_path / "al", extent_size=4096)
+    _pinned(log, 1, _extent("f", 0))
+    _pinned(log, 2, _extent("g", 0))
+    log.mark_alone()
+    log.close()
+    loaded = ActivityLog.load(tmp_path / "al", extent_size=4096)
+    try:
+        assert loaded.trusted and not loaded.usable
+        _pinned(loaded, 3, _extent("h", 0))
+        loaded.settled(acked=2)  # a resync ended; ticket 3 is still in flight
+        assert loaded.usable and loaded.hot() == [_extent("h", 0)]
+    finally:
+        loaded.close()
+    again = ActivityLog.load(tmp_path / "al", extent_size=4096)
+    assert again.usable and again.hot() == [_extent("h", 0)]
+    again.close()
 
 
 def test_the_activity_log_file_stays_small(tmp_path: Path) -> None:
     log = ActivityLog(tmp_path / "al", extent_size=4096, slots=4)
     try:
         for i in range(300):
-            log.touch("f", i * 4096, 1)
-            assert os.path.getsize(tmp_path / "al") <= 4096
-        assert [offset for _, offset, _ in log.extents()] == [i * 4096 for i in range(296, 300)]
+            _pinned(log, i + 1, _extent("f", i), acked=i)
+            assert os.path.getsize(tmp_path / "al") <= 8192
+        assert [k[3] for k in log.hot()] == list(range(296, 300))
     finally:
         log.close()
     reloaded = ActivityLog.load(tmp_path / "al", extent_size=4096, slots=4)
-    assert len(reloaded.extents()) == 4
+    assert len(reloaded.hot()) == 4
     reloaded.close()
 
 
 def test_a_torn_activity_record_is_dropped(tmp_path: Path) -> None:
     log = ActivityLog(tmp_path / "al", extent_size=4096)
-    log.touch("f", 0, 1)
-    log.touch("g", 0, 1)
+    _pinned(log, 1, _extent("f", 0))
+    _pinned(log, 2, _extent("g", 0))
     log.close()
     with open(tmp_path / "al", "r+b") as f:
         f.truncate(os.path.getsize(tmp_path / "al") - 2)
     loaded = ActivityLog.load(tmp_path / "al", extent_size=4096)
-    assert loaded.trusted and loaded.extents() == [("f", 0, 4096)]
+    assert loaded.usable and loaded.hot() == [_extent("f", 0)]
     loaded.close()
 
 

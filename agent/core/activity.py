@@ -1,0 +1,94 @@
+"""What an operation may leave on a primary that crashes before its peer has it: activity keys.
+
+DRBD's activity log records, durably and before the first write to it, each
+coarse extent a write may touch; a crashed primary that returns knows that only
+those extents may hold writes its peer never got. A directory tree needs more
+than extents: an operation in flight may also have changed a file's size, its
+metadata, or a name. So each operation maps to keys of four kinds:
+- EXTENT: bytes [index * extent, (index + 1) * extent) of a file;
+- TAIL: every byte of a file from index * extent on (a shrink, a collapse);
+- META: a file's metadata (mode, owner, times, xattrs);
+- NAME: what exists at a name (created, removed, renamed, linked).
+
+When the returning node becomes the target of a resync, its keys turn into
+change-journal entries (extents and tails into dirty ranges, metadata into
+metadata-dirty files) recorded BEFORE the new primary's own journal, so its
+renames move them like any range; names are compared by block hashes after the
+journal's replay. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import IntEnum
+
+from agent.core.journal_state import OPEN_END, Differs, Dirty, Entry, Touched
+from agent.core.mirror_ops import (
+    Chmod,
+    Chown,
+    Fallocate,
+    Fsync,
+    Op,
+    RemoveXattr,
+    SetXattr,
+    Truncate,
+    Utimens,
+    Write,
+    paths_of,
+)
+
+EXTENT_SIZE = 4 << 20
+FALLOC_COLLAPSE_RANGE = 0x08
+FALLOC_INSERT_RANGE = 0x20
+
+
+class Kind(IntEnum):
+    EXTENT = 1
+    TAIL = 2
+    META = 3
+    NAME = 4
+
+
+ActivityKey = tuple[int, int, str, int]  # (kind, root, path, index)
+
+
+def activity_keys(op: Op, extent_size: int = EXTENT_SIZE) -> list[ActivityKey]:
+    """The keys `op` may leave changed on this copy before the peer has it."""
+    if isinstance(op, Write):
+        return _extents(op.root, op.path, op.offset, len(op.data), extent_size)
+    if isinstance(op, Truncate):
+        return [(Kind.TAIL, op.root, op.path, op.size // extent_size)]
+    if isinstance(op, Fallocate):
+        if op.mode & (FALLOC_COLLAPSE_RANGE | FALLOC_INSERT_RANGE):
+            return [(Kind.TAIL, op.root, op.path, op.offset // extent_size)]
+        return _extents(op.root, op.path, op.offset, op.length, extent_size)
+    if isinstance(op, Chmod | Chown | Utimens | SetXattr | RemoveXattr):
+        return [(Kind.META, op.root, op.path, 0)]
+    if isinstance(op, Fsync):
+        return []
+    return [(Kind.NAME, op.root, path, 0) for path in paths_of(op)]
+
+
+def _extents(root: int, path: str, offset: int, length: int, size: int) -> list[ActivityKey]:
+    if length <= 0:
+        return []
+    first, last = offset // size, (offset + length - 1) // size
+    return [(Kind.EXTENT, root, path, index) for index in range(first, last + 1)]
+
+
+def journal_entries(keys: Sequence[ActivityKey], extent_size: int) -> list[Entry]:
+    """The change-journal entries that stand for `keys` (recorded before the journal's own)."""
+    entries: list[Entry] = []
+    for kind, root, path, index in keys:
+        if kind == Kind.EXTENT:
+            entries.append(Dirty(root, path, index * extent_size, (index + 1) * extent_size))
+        elif kind == Kind.TAIL:
+            entries.append(Dirty(root, path, index * extent_size, OPEN_END))
+            entries.append(Touched(root, path, meta=False))
+        elif kind == Kind.META:
+            entries.append(Touched(root, path, meta=True))
+        elif kind == Kind.NAME:
+            entries.append(Differs(root, path))
+        else:
+            raise ValueError(f"unknown activity key kind {kind}")
+    return entries
