@@ -278,8 +278,10 @@ class MirrorPair:
         self.tag = secrets.token_hex(3)
         self.ns_primary = f"tmp{self.tag}-p"
         self.ns_secondary = f"tmp{self.tag}-s"
-        self.primary_dir = self.base / "primary" / "data"
-        self.secondary_dir = self.base / "secondary" / "data"
+        self.nodes = ("node1", "node2")  # the primary's, the secondary's (swapped by a crash)
+        self.primary_address, self.secondary_address = PRIMARY_ADDRESS, SECONDARY_ADDRESS
+        self.primary_dir = self.base / "node1" / "data"
+        self.secondary_dir = self.base / "node2" / "data"
         self.key_file = self.base / "cluster.key"
         self.primary: MirrorProcess | None = None
         self.secondary: MirrorProcess | None = None
@@ -326,25 +328,49 @@ class MirrorPair:
             d.mkdir(parents=True, exist_ok=True)
         generate_key_file(self.key_file)
         self._key = load_key(self.key_file)
+        self._ack_timeout = ack_timeout
+        self._start_processes(proxy=self.delay_ms is not None)
+
+    def _start_processes(self, proxy: bool) -> None:
+        """The secondary, its acceptor (and delay proxy), then the primary."""
+        primary, secondary = self.nodes
         self.secondary = MirrorProcess(
-            _spec("secondary", "node2", self.secondary_dir, self.key_file,
-                  self.base / "secondary", self.mode, ack_timeout),
+            _spec("secondary", secondary, self.secondary_dir, self.key_file,
+                  self.base / secondary, self.mode, self._ack_timeout),
             ["ip", "netns", "exec", self.ns_secondary],
-            self.base / "secondary.log",
+            self.base / f"{secondary}.log",
         )  # fmt: skip
         self.secondary.wait_event(["ready"])
         self._start_acceptor()
-        if self.delay_ms is not None:
+        if proxy and self.delay_ms is not None:
             self._proxies.append(
                 self._start_proxy(PROXY_PORT, ("127.0.0.1", PEER_PORT), self.delay_ms)
             )
         self.primary = MirrorProcess(
-            _spec("primary", "node1", self.primary_dir, self.key_file,
-                  self.base / "primary", self.mode, ack_timeout, self.resync_rate),
+            _spec("primary", primary, self.primary_dir, self.key_file,
+                  self.base / primary, self.mode, self._ack_timeout, self.resync_rate),
             ["ip", "netns", "exec", self.ns_primary],
-            self.base / "primary.log",
+            self.base / f"{primary}.log",
         )  # fmt: skip
         self.primary.wait_event(["ready"])
+
+    def crash_and_swap(self) -> None:
+        """The primary loses power (its mirror process killed -9: what it wrote locally and
+        the secondary never applied stays in its copy; the secondary's process is killed too,
+        frames it holds unapplied), then the secondary's node comes back as primary and the
+        crashed one as its secondary, each on its own copy and state directory."""
+        if self.delay_ms is not None:
+            raise PairError("crash_and_swap: a pair with a delay proxy cannot swap roles")
+        assert self.primary is not None and self.secondary is not None
+        for proc in (self.primary, self.secondary):
+            proc.proc.kill()
+            proc.close()
+        self._stop_acceptor()
+        self.nodes = (self.nodes[1], self.nodes[0])
+        self.primary_dir, self.secondary_dir = self.secondary_dir, self.primary_dir
+        self.ns_primary, self.ns_secondary = self.ns_secondary, self.ns_primary
+        self.secondary_address, self.primary_address = self.primary_address, self.secondary_address
+        self._start_processes(proxy=False)
 
     def ip(self, ns: str, *args: str) -> str:
         """`ip` run in namespace `ns`; PairError with its message if it fails."""
@@ -367,7 +393,6 @@ class MirrorPair:
             return
         self._closed = True
         errors: list[str] = []
-        self._stopping.set()
         for proc in (self.primary, self.secondary):
             if proc is not None:
                 try:
@@ -376,10 +401,7 @@ class MirrorPair:
                     errors.append(f"{proc.name}: {exc}")
         for proxy in self._proxies:
             _stop(proxy)
-        if self._listener is not None:
-            self._listener.close()
-        if self._acceptor is not None:
-            self._acceptor.join(timeout=5)
+        self._stop_acceptor()
         for ns in reversed(self._created):
             try:
                 delete_netns(ns)
@@ -390,6 +412,15 @@ class MirrorPair:
             raise PairError("mirror pair teardown left things behind: " + "; ".join(errors))
 
     # --- the agent's part ---------------------------------------------------------------------
+
+    def _stop_acceptor(self) -> None:
+        self._stopping.set()
+        if self._listener is not None:
+            self._listener.close()
+        if self._acceptor is not None:
+            self._acceptor.join(timeout=5)
+        self._listener = self._acceptor = None
+        self._stopping = threading.Event()
 
     def _start_acceptor(self) -> None:
         listener = netns_socket(self.ns_secondary)
@@ -433,13 +464,16 @@ class MirrorPair:
 
     def peer(self) -> tuple[str, int]:
         """Where the primary connects: the acceptor, or the delay proxy in front of it."""
-        return SECONDARY_ADDRESS, PEER_PORT if self.delay_ms is None else PROXY_PORT
+        return self.secondary_address, PEER_PORT if self.delay_ms is None else PROXY_PORT
 
-    def connect(self, resync: str = "none", timeout: float = 1800.0) -> dict[str, Any]:
-        """Open the stream with this resync; returns `resync_done` (with `connected` in it)."""
-        return self.resynced(self.begin_connect(resync), timeout)
+    def connect(
+        self, resync: str = "none", timeout: float = 1800.0, *, activity: bool = False
+    ) -> dict[str, Any]:
+        """Open the stream with this resync; returns `resync_done` (with `connected` in it).
+        `activity`: ask the secondary for its activity log first (it crashed as primary)."""
+        return self.resynced(self.begin_connect(resync, activity=activity), timeout)
 
-    def begin_connect(self, resync: str = "none") -> int:
+    def begin_connect(self, resync: str = "none", *, activity: bool = False) -> int:
         """Open the stream with this resync and return at once: a mark for `resynced`."""
         _check_choice("resync", resync, RESYNCS)
         assert self.primary is not None and self.secondary is not None
@@ -447,7 +481,7 @@ class MirrorPair:
         address, port = self.peer()
         self.primary.send(
             {"cmd": "connect", "peer": {"address": address, "port": port}, "resync": resync,
-             "done": {}}
+             "done": {}, "activity": activity}
         )  # fmt: skip
         return mark
 

@@ -27,6 +27,7 @@ __all__ = [
     "decode_entries",
     "encode_chunks",
     "encode_entries",
+    "range_digests",
     "scan",
 ]
 
@@ -405,6 +406,40 @@ def _open_beneath(root_fd: int, path: str) -> int:
             os.close(fd)
         raise
     return fd
+
+
+def range_digests(
+    root_fd: int, path: str, start: int, end: int, block_size: int = BLOCK_SIZE
+) -> tuple[int, dict[int, bytes]]:
+    """The size of the regular file `path` (-1: none there) and the digests of its blocks that
+    overlap [start, end), by block index (each block as far as the file goes)."""
+    parent, _, name = _checked_path(path).rpartition("/")
+    try:
+        parent_fd = _open_beneath(root_fd, parent)
+    except OSError as exc:
+        if exc.errno in _GONE:
+            return -1, {}
+        raise
+    try:
+        fd = os.open(name, _OPEN_FILE, dir_fd=parent_fd)
+    except OSError as exc:
+        if exc.errno in _GONE:
+            return -1, {}
+        raise
+    finally:
+        if parent_fd != root_fd:
+            os.close(parent_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return -1, {}
+        digests: dict[int, bytes] = {}
+        last = min(end, st.st_size)
+        for index in range(start // block_size, -(-last // block_size)):
+            digests[index] = block_digest(os.pread(fd, block_size, index * block_size))
+        return st.st_size, digests
+    finally:
+        os.close(fd)
 
 
 # --- wire encoding -------------------------------------------------------------------------

@@ -270,7 +270,7 @@ class MirrorProcess:
         threading.Thread(
             target=self._resync,
             args=(resync, ranges, list(plan.metadata), command.get("done", {}), quarantine_first),
-            kwargs={"names": names, "compare": compare},
+            kwargs={"names": names, "compare": compare, "by_hashes": bool(given_back)},
             daemon=True,
         ).start()
 
@@ -283,6 +283,7 @@ class MirrorProcess:
         quarantine_first: bool = False,
         names: list[tuple[int, str]] | None = None,
         compare: list[tuple[int, str]] | None = None,
+        by_hashes: bool = False,
     ) -> None:
         assert self.replicator is not None
         self.progress = Progress(started=time.monotonic())
@@ -299,7 +300,7 @@ class MirrorProcess:
                 self.replicator.resync_active = True
                 self.replicator.enqueue_control({"type": "resync_begin"})
             if kind == "incremental":
-                job.incremental(ranges)
+                job.incremental(ranges, by_hashes=by_hashes)
                 job.metadata_only(meta)
                 if compare:
                     job.compare_names(compare)  # names the returning peer changed in flight
@@ -331,7 +332,16 @@ class MirrorProcess:
                 if self.activity is not None:
                     self.activity.settled(ticket)
         changed = [f"{self.dirs[r]}/{p}" for r, p in job.changed[:200]]
-        self.event({"event": "resync_done", "kind": kind, "changed": changed, **self._progress()})
+        sent = self.progress.sent_bytes
+        self.event(
+            {
+                "event": "resync_done",
+                "kind": kind,
+                "changed": changed,
+                "sent_bytes": sent,
+                **self._progress(),
+            }
+        )
         self.progress = None
 
     def accept(self, command: dict[str, Any], fds: list[int]) -> None:

@@ -21,9 +21,10 @@ from agent.core import mirror_frames as mf
 from agent.core.mirror_ops import OpError, decode_op
 from agent.mirror.apply import Applier, ApplyError
 from agent.mirror.link import LinkClosed, Stream
-from agent.mirror.manifest import encode_chunks, scan
+from agent.mirror.manifest import encode_chunks, range_digests, scan
 
 ACK_EVERY = 64
+MAX_HASHED_SPAN = 64 << 20  # bytes of one file hashed per request (1024 digests)
 
 
 class Receiver:
@@ -109,6 +110,8 @@ class Receiver:
         kind = message.get("type")
         if kind == "manifest":
             self._send_manifest(message)
+        elif kind == "hashes":
+            self._send_hashes(message)
         elif kind == "resync_begin":
             self.resyncing = True
             self.skipped = 0
@@ -146,6 +149,34 @@ class Receiver:
         for chunk in encode_chunks(entries):
             self.stream.send(mf.FrameKind.MANIFEST, chunk)
         self.stream.send(mf.FrameKind.MANIFEST, b"")
+
+    def _send_hashes(self, message: dict[str, Any]) -> None:
+        """Digests of one file's blocks in a byte range, so the source sends only those that
+        differ (what a crashed primary's activity log names is mostly the same already)."""
+        root, path = message.get("root"), message.get("path")
+        start, end = message.get("start"), message.get("end")
+        if not (
+            isinstance(root, int)
+            and 0 <= root < len(self.root_fds)
+            and isinstance(path, str)
+            and isinstance(start, int)
+            and isinstance(end, int)
+            and 0 <= start <= end
+            and end - start <= MAX_HASHED_SPAN
+        ):
+            raise mf.StreamError("malformed hashes request")
+        try:
+            size, digests = range_digests(self.root_fds[root], path, start, end)
+        except ValueError as exc:  # a path that would leave the directory
+            raise mf.StreamError(f"hashes request: {exc}") from None
+        except OSError:
+            size, digests = -1, {}  # unreadable here: every block is sent
+        reply = {
+            "type": "hashes",
+            "size": size,
+            "digests": {str(index): digest.hex() for index, digest in digests.items()},
+        }
+        self.stream.send_json(mf.FrameKind.CONTROL, reply)
 
     def _refuse(self, reason: str) -> None:
         with contextlib.suppress(LinkClosed):

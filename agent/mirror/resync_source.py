@@ -45,9 +45,10 @@ from agent.core.mirror_ops import (
     Utimens,
     Write,
 )
-from agent.core.resync import differing_paths, plan
+from agent.core.resync import BLOCK_SIZE, block_digest, differing_paths, plan
 from agent.mirror.link import LinkClosed
 from agent.mirror.manifest import Entry, ManifestReader, scan
+from agent.mirror.receiver import MAX_HASHED_SPAN
 from agent.mirror.sender import LinkState, MirrorReplicator
 
 CHUNK = 1 << 20
@@ -194,16 +195,24 @@ class SourceResync:
 
     # --- incremental, from the journal -------------------------------------------------------
 
-    def incremental(self, ranges: dict[tuple[int, str], list[tuple[int, int]]]) -> None:
-        """Send the journal's dirty ranges (namespace ops were replayed at attach)."""
+    def incremental(
+        self,
+        ranges: dict[tuple[int, str], list[tuple[int, int]]],
+        *,
+        by_hashes: bool = False,
+    ) -> None:
+        """Send the journal's dirty ranges (namespace ops were replayed at attach); `by_hashes`:
+        only their blocks whose digests differ on the target (ranges a returning peer's
+        activity log named, which mostly hold the same bytes already)."""
         for (root, path), spans in ranges.items():
             st = self._lstat(root, path)
             size = st.st_size if st is not None else 0
             # A range "to the end of the file" (collapse/insert) counts what the file holds.
             self.progress.total_bytes += sum(max(0, min(end, size) - start) for start, end in spans)
+        send = self._send_differing if by_hashes else self._send_range
         for (root, path), spans in ranges.items():
             for start, end in spans:
-                self._send_range(root, path, start, end - start)
+                send(root, path, start, end - start)
             self._locked(root, path, self._truncate)
             self._locked(root, path, self._metadata)
         self._finish()
@@ -272,10 +281,57 @@ class SourceResync:
                 if data:
                     self._enqueue(Write(root, path, offset, data))
             self.progress.done_bytes += size
+            self.progress.sent_bytes += len(data)
             self.limit.take(size)
             if not data:
                 return
             offset += size
+
+    def _send_differing(self, root: int, path: str, offset: int, length: int) -> None:
+        """Like _send_range, but a block whose digest the target already holds is skipped.
+        Each block is read, compared and sent under the ordering lock: a live write racing
+        the comparison reaches the target after the digests were taken, and lands the same."""
+        st = self._lstat(root, path)
+        end = min(offset + length, st.st_size if st is not None else 0)
+        pos = offset - offset % BLOCK_SIZE
+        while pos < end:
+            piece_end = min(end, pos + MAX_HASHED_SPAN)
+            self.replicator.wait_room(RESYNC_WINDOW)
+            digests = self._target_digests(root, path, pos, piece_end)
+            for index in range(pos // BLOCK_SIZE, -(-piece_end // BLOCK_SIZE)):
+                at = index * BLOCK_SIZE
+                with self.replicator.ordered():
+                    data = self._read(root, path, at, BLOCK_SIZE)
+                    differs = bool(data) and digests.get(index) != block_digest(data)
+                    if differs:
+                        self._enqueue(Write(root, path, at, data))
+                self.progress.done_bytes += min(BLOCK_SIZE, max(0, end - at))
+                if differs:
+                    self.progress.sent_bytes += len(data)
+                    self.limit.take(len(data))
+                    self.replicator.wait_room(RESYNC_WINDOW)
+            pos = piece_end
+
+    def _target_digests(self, root: int, path: str, start: int, end: int) -> dict[int, bytes]:
+        """The target's digests of `path`'s blocks in [start, end), asked in stream order."""
+        request = {"type": "hashes", "root": root, "path": path, "start": start, "end": end}
+        self.replicator.enqueue_control(request)
+        while True:
+            if self.replicator.state is not LinkState.CONNECTED:
+                raise LinkClosed(self.replicator.reason)
+            try:
+                kind, payload = self.replicator.incoming.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if kind is not mf.FrameKind.CONTROL:
+                continue
+            answer = mf.decode_json(payload)
+            if answer.get("type") != "hashes":
+                continue
+            try:
+                return {int(k): bytes.fromhex(v) for k, v in answer["digests"].items()}
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise LinkClosed(f"the peer's block digests are malformed: {exc}") from None
 
     def _read(self, root: int, path: str, offset: int, size: int) -> bytes:
         try:

@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from agent.core.activity import ActivityKey, Kind, activity_keys
 from agent.core.mirror_ops import (
     Create,
     Fsync,
@@ -41,7 +42,6 @@ from agent.core.mirror_ops import (
     Write,
 )
 from agent.mirror.apply import Applier
-from agent.core.activity import ActivityKey, Kind, activity_keys
 from agent.mirror.excludes import Excludes
 from agent.mirror.fs import CHUNK, MirrorMount, clear_stale_mount
 from agent.mirror.replicator import LocalReplicator, WaitPoint
