@@ -23,6 +23,7 @@ import pytest
 
 from agent.core import mirror_frames as mf
 from tests.cluster import DEMO_DIR, Cluster
+from tests.integration.support import last_event_id
 from tests.lab import Lab, wait_for
 
 CYCLES = int(os.environ.get("TANDEM_ZERO_LOSS_CYCLES", "10"))
@@ -145,6 +146,7 @@ def test_no_acknowledged_record_is_lost_through_power_losses_and_agent_kills(
             assert writer.wait_more(5), "the writer is stuck"
             threading.Event().wait(rng.uniform(0.0, 0.5))
             power_loss = cycle % 2 == 0
+            mark = last_event_id(cluster, standby)
             if power_loss:
                 lab.power_loss(primary)
             else:
@@ -157,6 +159,11 @@ def test_no_acknowledged_record_is_lost_through_power_losses_and_agent_kills(
                 lab.power_on(primary)
             cluster.start_agent(primary)
             cluster.wait_in_sync(primary)
+            # The returning node gave back what it held in flight by its activity log: an
+            # incremental resync, not a comparison of every block.
+            said = [e["reason"] for e in cluster.events(standby, after=mark)]
+            connects = [r for r in said if r.startswith(f"mirroring to {primary}:")]
+            assert connects and "incremental resync" in connects[-1], said
             writer.pause()
             wait_nothing_pending(cluster, standby)
             assert tree_digest(cluster.data_dir(primary)) == tree_digest(cluster.data_dir(standby))

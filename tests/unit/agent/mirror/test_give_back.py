@@ -71,23 +71,12 @@ def test_a_crashed_primary_gives_back_its_changes_in_flight_by_its_activity_log(
         os.kill(pair.secondary.pid, signal.SIGSTOP)
         writers = [
             subprocess.Popen(
-                [
-                    "nsenter",
-                    "-t",
-                    str(pid),
-                    "-m",
-                    "--",
-                    sys.executable,
-                    "-c",
-                    IN_FLIGHT,
-                    what,
-                    str(mount),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )  # fmt: skip
+                ["nsenter", "-t", str(pid), "-m", "--", sys.executable, "-c", IN_FLIGHT, what,
+                 str(mount)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
             for what in ("overwrite", "create", "rename", "chmod")
-        ]
+        ]  # fmt: skip
         try:
             _wait_for("overwrite", lambda: _holds_overwrite(node1 / "db"))
             _wait_for("create", lambda: (node1 / "inflight").exists())
