@@ -161,6 +161,7 @@ def story(lab: Lab) -> None:
     show_status(cluster, "node2")
 
     say(f"{GREEN}node1 comes back{RESET}: its agent starts and finds node2 serving")
+    mark = max((int(e["id"]) for e in cluster.events("node2")), default=0)
     lab.power_on("node1")
     cluster.start_agent("node1")
     cluster.wait_state("node1", ("SECOND",), timeout=30)
@@ -170,6 +171,13 @@ def story(lab: Lab) -> None:
         f"{RESYNC_RATE >> 20} MiB/s so the progress can be watched)"
     )
     show_resync(cluster, "node2", "node1")
+    said = [e["reason"] for e in cluster.events("node2", after=mark)]
+    how = [r for r in said if r.startswith("mirroring to node1:")]
+    if how:
+        detail(
+            f"node2: {how[-1]} (node2's journal of what changed while alone, and what "
+            "node1's activity log says it may have held in flight when it lost power)"
+        )
     detail("node1 is an up-to-date secondary again; the application never stopped")
     show_status(cluster, "node1")
 
