@@ -34,7 +34,6 @@ from agent.core.generations import (
     plan_connect,
     policy_keeps,
 )
-from agent.core.mirror_ops import paths_of
 from agent.core.states import State
 from agent.logs import log_event
 from agent.mirror import quarantine
@@ -74,6 +73,8 @@ class ReplicationRuntime:
     retry_at: float = 0.0  # a mirror that failed to start is retried after a pause
     resolve_keep: tuple[str, float] | None = None  # (node to keep, wall time of the word)
     split_reported: bool = False
+    _split_epoch: int = 0  # which split a change count running off the loop belongs to
+    _split_count: asyncio.Task[None] | None = None
     verify_waiter: asyncio.Future[dict[str, Any]] | None = None
     peer_name: str = ""
     primary_since: float = 0.0  # wall time this node last became primary (persisted)
@@ -520,6 +521,7 @@ class ReplicationRuntime:
         if not split:
             if self.split_reported:
                 self.split_reported = False
+                self._split_epoch += 1  # a count still running is for a split that is over
                 self.changes = None
                 self.problem = None
                 self.resolve_keep = None
@@ -547,18 +549,35 @@ class ReplicationRuntime:
             )
         if not self.split_reported:
             self.split_reported = True
-            self.changes = changed = self.changed_here()
-            if changed is None:
-                what = "unknown (journal incomplete: compare with `tandemctl verify`)"
-                changed = []
-            else:
-                listed = ", ".join(changed[:50]) + (" ..." if len(changed) > 50 else "")
-                what = f"{len(changed)} path(s){': ' + listed if changed else ''}"
-            self.event(
-                "split_brain",
-                f"split brain with the peer ({verdict}): changed here since the split: {what}",
-                changed=changed[:1000],
+            self._split_epoch += 1
+            self.changes = None  # unknown until counted: no policy decides on it meanwhile
+            self._split_count = asyncio.get_running_loop().create_task(
+                self._report_split(verdict, self._split_epoch)
             )
+
+    async def _report_split(self, verdict: SyncVerdict, epoch: int) -> None:
+        """Count and report what changed here, reading the journal (tens of MiB at worst) off
+        the decision loop, which must keep its heartbeats going meanwhile."""
+        try:
+            changed = await asyncio.to_thread(self.changed_here)
+        except OSError as exc:
+            log_event(log, f"cannot read the journal: {exc}", node=self.node, module=self.cfg.name)
+            changed = None
+        if epoch != self._split_epoch:
+            return
+        self.changes = changed
+        if changed is None:
+            what = "unknown (journal incomplete: compare with `tandemctl verify`)"
+            changed = []
+        else:
+            listed = ", ".join(changed[:50]) + (" ..." if len(changed) > 50 else "")
+            what = f"{len(changed)} path(s){': ' + listed if changed else ''}"
+        self.event(
+            "split_brain",
+            f"split brain with the peer ({verdict}): changed here since the split: {what}",
+            changed=changed[:1000],
+        )
+        self.wake()
 
     def change_count(self) -> int:
         """Paths this node changed since the split (discard-least-changes); -1: unknown."""
@@ -575,15 +594,12 @@ class ReplicationRuntime:
             shutil.copyfile(self.journal_path, copy)
             journal = Journal(copy)
             try:
-                plan = journal.plan()
+                names = journal.names()
                 trusted = journal.usable
             finally:
                 journal.close()
         if not trusted:
             return None
-        names: set[tuple[int, str]] = set(plan.ranges) | set(plan.metadata)
-        for op in plan.namespace:
-            names.update((op.root, p) for p in paths_of(op))
         dirs = self.cfg.directories
         return sorted(f"{dirs[root].path}/{path}" for root, path in names if root < len(dirs))
 

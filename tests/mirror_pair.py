@@ -860,6 +860,31 @@ print(json.dumps({"changed_bytes": count * run, "writes": count}))
 """
 
 
+IN_FLIGHT_WRITE = """
+import os, sys
+path, offset, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+fd = os.open(path, os.O_WRONLY)
+os.pwrite(fd, b"Z" * size, offset)
+"""
+
+
+def start_write_in_flight(pid: int, path: Path, offset: int, size: int) -> subprocess.Popen[bytes]:
+    """A writer in the mount namespace of `pid` overwriting `size` bytes of `path` at `offset`
+    with "Z"s (with a frozen secondary it stays in flight: the caller kills it)."""
+    return subprocess.Popen(
+        ["nsenter", "-t", str(pid), "-m", "--", sys.executable, "-c", IN_FLIGHT_WRITE, str(path),
+         str(offset), str(size)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def holds_in_flight_write(path: Path, offset: int) -> bool:
+    """Whether the copy at `path` (a backing file) holds start_write_in_flight's bytes."""
+    with path.open("rb") as f:
+        f.seek(offset)
+        return f.read(4) == b"ZZZZ"
+
+
 def bench_scale(name: str = "TANDEM_BENCH_SCALE") -> float:
     """The size factor of the benchmarks (env TANDEM_BENCH_SCALE, default 1; 0.1 is quick)."""
     raw = os.environ.get(name, "").strip()

@@ -7,18 +7,25 @@ reconnect resyncs:
   primary sent (TCP payload of the replication connection, from `ss`) against bytes changed;
 - full, nothing changed: bytes sent against the file's size (both sides hash by blocks);
 - on the veth shaped to 1 Gbit/s (tbf), an incremental resync of a large rewrite: its rate
-  against a plain TCP transfer on the same link, rounds interleaved.
+  against a plain TCP transfer on the same link, rounds interleaved;
+- after a primary's crash with a write in flight (its secondary frozen, then both killed -9,
+  roles swapped): the new primary changes 1% alone, and the resync back, helped by the
+  crashed node's activity log, against a full comparison by hashes of the same data (what
+  such a crash cost without the log), in the same run.
 Sizes scale with TANDEM_BENCH_SCALE (default 1; 0.1 for a quick run); TANDEM_BENCH_ROUNDS
 (default 3) rounds of the rate. Measures only; fails only if a copy ends up different.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
 
 from tests.bench.conftest import bench_rounds, median, met, ratio, report
+from tests.lab import wait_for
 from tests.mirror_pair import (
     MirrorPair,
     PairError,
@@ -27,7 +34,9 @@ from tests.mirror_pair import (
     bench_scale,
     dd_write,
     fill,
+    holds_in_flight_write,
     scatter,
+    start_write_in_flight,
 )
 
 pytestmark = [pytest.mark.timeout(5400), pytest.mark.usefixtures("quiet_host")]
@@ -124,5 +133,48 @@ def test_resync_rate_shaped(tmp_path: Path) -> None:
              f"{median(claimed) / 1e6:.0f} MB/s", ratio(median(claimed), link), ""],
             ["peak resident memory of the primary's mirror process during the resync",
              f"{median(peaks) / MIB:.0f} MiB", "", ""],
+        ],
+    )  # fmt: skip
+
+
+def test_resync_after_a_primary_crash(tmp_path: Path) -> None:
+    in_flight = 4 * MIB
+    with MirrorPair(tmp_path / "pair", mode="sync") as pair:
+        assert pair.secondary is not None
+        pair.connect("none")
+        big = pair.primary_mount / "big"
+        fill(pair.primary_pid, big, FILE_BYTES)
+        os.kill(pair.secondary.pid, signal.SIGSTOP)
+        writer = start_write_in_flight(pair.primary_pid, big, FILE_BYTES // 2, in_flight)
+        try:
+            arrived = wait_for(
+                lambda: holds_in_flight_write(pair.primary_dir / "big", FILE_BYTES // 2), 30
+            )
+            assert arrived, "the write in flight never reached the primary's copy"
+            pair.crash_and_swap()
+        finally:
+            writer.kill()
+            writer.wait(timeout=60)
+        pair.alone()
+        changed = scatter(pair.primary_pid, pair.primary_mount / "big", FILE_BYTES, CHANGED,
+                          4096, 3)  # fmt: skip
+        done = pair.connect("incremental", activity=True)
+        sent, _ = pair.stream_bytes()
+        assert_same_copies(pair, ["big"])
+        pair.alone()
+        full = pair.connect("full")  # the baseline: what the crash cost before the log
+        full_sent, _ = pair.stream_bytes()
+        assert_same_copies(pair, ["big"])
+    took, full_took = seconds(done), seconds(full)
+    report(
+        f"Resync after a primary crash ({in_flight / MIB:.0f} MiB in flight), one "
+        f"{FILE_BYTES / MIB:.0f} MiB file, 1% changed since by the new primary, bare veth",
+        ["resync", "primary sent", "÷ changed + in flight", "connect → resync_done",
+         "÷ full comparison"],
+        [
+            ["incremental, with the crashed node's activity log", f"{sent / MIB:.2f} MiB",
+             ratio(sent, changed + in_flight), f"{took:.2f} s", ratio(took, full_took)],
+            ["full comparison by hashes (baseline, nothing left to send)",
+             f"{full_sent / MIB:.2f} MiB", "", f"{full_took:.2f} s", "1.00×"],
         ],
     )  # fmt: skip

@@ -13,43 +13,32 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.mirror_pair import MirrorPair, PairError, assert_same_copies, fill, run_in_mount_ns
+from tests.lab import wait_for
+from tests.mirror_pair import (
+    MirrorPair,
+    assert_same_copies,
+    fill,
+    holds_in_flight_write,
+    run_in_mount_ns,
+    start_write_in_flight,
+)
 
 MIB = 1 << 20
 
 IN_FLIGHT = """
 import os, sys
 what, directory = sys.argv[1], sys.argv[2]
-if what == "overwrite":
-    fd = os.open(os.path.join(directory, "db"), os.O_WRONLY)
-    os.pwrite(fd, b"Z" * (1 << 20), 4 << 20)
-elif what == "create":
+if what == "create":
     open(os.path.join(directory, "inflight"), "w").close()
 elif what == "rename":
     os.rename(os.path.join(directory, "sub", "x"), os.path.join(directory, "sub", "y"))
 elif what == "chmod":
     os.chmod(os.path.join(directory, "keep"), 0o600)
 """
-
-
-def _wait_for(what: str, check: object) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if callable(check) and check():
-            return
-        time.sleep(0.05)
-    raise PairError(f"the in-flight {what} never reached the primary's copy")
-
-
-def _holds_overwrite(path: Path) -> bool:
-    with path.open("rb") as f:
-        f.seek(4 * MIB)
-        return f.read(4) == b"ZZZZ"
 
 
 @pytest.mark.root
@@ -69,19 +58,23 @@ def test_a_crashed_primary_gives_back_its_changes_in_flight_by_its_activity_log(
         node1 = pair.primary_dir
 
         os.kill(pair.secondary.pid, signal.SIGSTOP)
-        writers = [
+        writers = [start_write_in_flight(pid, mount / "db", 4 * MIB, MIB)]
+        writers += [
             subprocess.Popen(
                 ["nsenter", "-t", str(pid), "-m", "--", sys.executable, "-c", IN_FLIGHT, what,
                  str(mount)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
-            for what in ("overwrite", "create", "rename", "chmod")
+            for what in ("create", "rename", "chmod")
         ]  # fmt: skip
         try:
-            _wait_for("overwrite", lambda: _holds_overwrite(node1 / "db"))
-            _wait_for("create", lambda: (node1 / "inflight").exists())
-            _wait_for("rename", lambda: (node1 / "sub" / "y").exists())
-            _wait_for("chmod", lambda: (node1 / "keep").stat().st_mode & 0o777 == 0o600)
+            for what, arrived in (
+                ("overwrite", lambda: holds_in_flight_write(node1 / "db", 4 * MIB)),
+                ("create", lambda: (node1 / "inflight").exists()),
+                ("rename", lambda: (node1 / "sub" / "y").exists()),
+                ("chmod", lambda: (node1 / "keep").stat().st_mode & 0o777 == 0o600),
+            ):
+                assert wait_for(arrived, 20), f"the {what} in flight never reached node1's copy"
             assert all(w.poll() is None for w in writers), "a write returned without the peer"
             pair.crash_and_swap()
         finally:
