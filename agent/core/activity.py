@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from enum import IntEnum
 
-from agent.core.journal_state import OPEN_END, Differs, Dirty, Entry, Touched
+from agent.core.journal_state import OPEN_END, Differs, Dirty, Entry, JournalState, Key, Touched
 from agent.core.mirror_ops import (
     Chmod,
     Chown,
@@ -92,3 +92,17 @@ def journal_entries(keys: Sequence[ActivityKey], extent_size: int) -> list[Entry
         else:
             raise ValueError(f"unknown activity key kind {kind}")
     return entries
+
+
+def moved_ranges(
+    entries: Sequence[Entry], namespace: Sequence[Op]
+) -> dict[Key, list[tuple[int, int]]]:
+    """The byte ranges `entries` (a returning peer's keys) name, under the names `namespace`
+    (the new primary's journal since) moved them to: what the resync compares by digests, the
+    rest of each file being sent exactly as its own journal says."""
+    state = JournalState()
+    for entry in entries:
+        state.record(entry)
+    for op in namespace:
+        state.record(op)
+    return {key: list(spans) for key, spans in state.replay_plan().ranges.items() if spans}

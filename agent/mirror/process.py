@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.core.activity import ActivityKey, Kind, journal_entries
+from agent.core.activity import ActivityKey, Kind, journal_entries, moved_ranges
 from agent.core.journal_state import Entry
 from agent.keys import load_key
 from agent.mirror import link, quarantine
@@ -234,6 +234,7 @@ class MirrorProcess:
             resync = "full"
         with self.replicator.ordered():
             self.replicator.absorb_held()
+            own = journal.plan()
             if resync == "incremental":
                 journal.adopt(given_back)
             if resync == "incremental" and journal.resyncing:
@@ -266,11 +267,14 @@ class MirrorProcess:
             }
         )
         quarantine_first = bool(command.get("quarantine"))
-        ranges = {key: list(spans) for key, spans in plan.ranges.items()}
+        # What this node's journal says changed is sent exactly; what the peer's activity log
+        # named is compared by digests first (mostly the same bytes on both sides).
+        ranges = {key: list(own.ranges.get(key, ())) for key in plan.ranges}
+        hashed = moved_ranges(given_back, own.namespace) if given_back else {}
         threading.Thread(
             target=self._resync,
             args=(resync, ranges, list(plan.metadata), command.get("done", {}), quarantine_first),
-            kwargs={"names": names, "compare": compare, "by_hashes": bool(given_back)},
+            kwargs={"names": names, "compare": compare, "hashed": hashed},
             daemon=True,
         ).start()
 
@@ -283,7 +287,7 @@ class MirrorProcess:
         quarantine_first: bool = False,
         names: list[tuple[int, str]] | None = None,
         compare: list[tuple[int, str]] | None = None,
-        by_hashes: bool = False,
+        hashed: dict[tuple[int, str], list[tuple[int, int]]] | None = None,
     ) -> None:
         assert self.replicator is not None
         self.progress = Progress(started=time.monotonic())
@@ -300,7 +304,7 @@ class MirrorProcess:
                 self.replicator.resync_active = True
                 self.replicator.enqueue_control({"type": "resync_begin"})
             if kind == "incremental":
-                job.incremental(ranges, by_hashes=by_hashes)
+                job.incremental(ranges, hashed or {})
                 job.metadata_only(meta)
                 if compare:
                     job.compare_names(compare)  # names the returning peer changed in flight

@@ -198,21 +198,25 @@ class SourceResync:
     def incremental(
         self,
         ranges: dict[tuple[int, str], list[tuple[int, int]]],
-        *,
-        by_hashes: bool = False,
+        hashed: dict[tuple[int, str], list[tuple[int, int]]] | None = None,
     ) -> None:
-        """Send the journal's dirty ranges (namespace ops were replayed at attach); `by_hashes`:
-        only their blocks whose digests differ on the target (ranges a returning peer's
-        activity log named, which mostly hold the same bytes already)."""
-        for (root, path), spans in ranges.items():
+        """Send the journal's dirty ranges (namespace ops were replayed at attach), then each
+        file's size and metadata; `hashed`: ranges sent only where the target's block digests
+        differ (what a returning peer's activity log named: mostly the same bytes already)."""
+        hashed = hashed or {}
+        for key in ranges.keys() | hashed.keys():
+            root, path = key
             st = self._lstat(root, path)
             size = st.st_size if st is not None else 0
             # A range "to the end of the file" (collapse/insert) counts what the file holds.
+            spans = [*ranges.get(key, ()), *hashed.get(key, ())]
             self.progress.total_bytes += sum(max(0, min(end, size) - start) for start, end in spans)
-        send = self._send_differing if by_hashes else self._send_range
-        for (root, path), spans in ranges.items():
-            for start, end in spans:
-                send(root, path, start, end - start)
+        for key in sorted(ranges.keys() | hashed.keys()):
+            root, path = key
+            for start, end in ranges.get(key, ()):
+                self._send_range(root, path, start, end - start)
+            for start, end in hashed.get(key, ()):
+                self._send_differing(root, path, start, end - start)
             self._locked(root, path, self._truncate)
             self._locked(root, path, self._metadata)
         self._finish()

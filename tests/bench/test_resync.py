@@ -138,7 +138,7 @@ def test_resync_rate_shaped(tmp_path: Path) -> None:
 
 
 def test_resync_after_a_primary_crash(tmp_path: Path) -> None:
-    in_flight = 4 * MIB
+    in_flight = MIB  # one FUSE request (max_write): the writer waits in it for the frozen peer
     with MirrorPair(tmp_path / "pair", mode="sync") as pair:
         assert pair.secondary is not None
         pair.connect("none")

@@ -9,8 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.core import mirror_ops as mo
-from agent.core.activity import Kind, activity_keys, journal_entries
-from agent.core.journal_state import OPEN_END, Differs, Dirty, JournalState, Touched
+from agent.core.activity import Kind, activity_keys, journal_entries, moved_ranges
+from agent.core.journal_state import OPEN_END, Differs, Dirty, Entry, JournalState, Touched
+from agent.core.ranges import RangeSet
 from tests.unit.agent.core.test_journal_state import Inode, Key, ModelFS, _draw_op
 
 EXTENT = 16  # small extents, so the model's short files span several
@@ -74,7 +75,9 @@ def _clone(fs: ModelFS, key: Key) -> Inode:
 
 
 @st.composite
-def crashes(draw: st.DrawFn) -> tuple[ModelFS, ModelFS, ModelFS, JournalState]:
+def crashes(
+    draw: st.DrawFn,
+) -> tuple[ModelFS, ModelFS, ModelFS, JournalState, list[Entry], list[mo.Op]]:
     """A crashed primary's copy, the new primary's base and end, and the journal it sends
     from: in-flight operations the old primary applied (the new one got a prefix of them),
     then the new primary's own session."""
@@ -93,23 +96,34 @@ def crashes(draw: st.DrawFn) -> tuple[ModelFS, ModelFS, ModelFS, JournalState]:
         base.apply(op)
     end = base.copy()
     state = JournalState()
-    for entry in journal_entries(
-        [k for op in in_flight for k in activity_keys(op, EXTENT)], EXTENT
-    ):
+    given_back = journal_entries([k for op in in_flight for k in activity_keys(op, EXTENT)], EXTENT)
+    for entry in given_back:
         state.record(entry)
+    session = []
     for _ in range(draw(st.integers(0, 20))):
         op = _draw_op(draw, end, links=False)
         end.apply(op)
         state.record(op)
-    return crashed, base, end, state
+        session.append(op)
+    return crashed, base, end, state, given_back, session
 
 
 @settings(max_examples=300, deadline=None)
 @given(crashes())
 def test_the_resync_gives_back_every_change_a_crashed_primary_made_in_flight(
-    case: tuple[ModelFS, ModelFS, ModelFS, JournalState],
+    case: tuple[ModelFS, ModelFS, ModelFS, JournalState, list[Entry], list[mo.Op]],
 ) -> None:
-    crashed, _base, end, state = case
+    crashed, _base, end, state, given_back, session = case
+    # The resync sends the new primary's own ranges exactly and compares the peer's, moved by
+    # its renames, by digests: together they hold every range of the combined journal.
+    own = JournalState()
+    for op in session:
+        own.record(op)
+    own_plan = own.replay_plan()
+    moved = moved_ranges(given_back, own_plan.namespace)
+    for key, spans in state.replay_plan().ranges.items():
+        both = RangeSet([*own_plan.ranges.get(key, RangeSet()), *moved.get(key, [])])
+        assert all(both.covers(s, e) for s, e in spans), f"{key}: {spans} not all sent"
     peer = crashed.copy()
     namespace, ranges, metadata = state.replay_plan()
     for op in namespace:
