@@ -568,7 +568,8 @@ class Agent:
             )
         loop = asyncio.get_running_loop()
         r.verify_waiter = loop.create_future()
-        r.handle.send({"cmd": "verify"})
+        r.verify_id += 1
+        r.handle.send({"cmd": "verify", "id": r.verify_id})
         try:
             done = await asyncio.wait_for(r.verify_waiter, timeout)
         except TimeoutError:

@@ -76,6 +76,7 @@ class ReplicationRuntime:
     _split_epoch: int = 0  # which split a change count running off the loop belongs to
     _split_count: asyncio.Task[None] | None = None
     verify_waiter: asyncio.Future[dict[str, Any]] | None = None
+    verify_id: int = 0
     peer_name: str = ""
     primary_since: float = 0.0  # wall time this node last became primary (persisted)
     changes: list[str] | None = None  # changed here since the split (None: journal incomplete)
@@ -399,8 +400,10 @@ class ReplicationRuntime:
             if self._promoted is not None and not self._promoted.done():
                 self._promoted.set_result(message)
         elif kind == "verify_done":
-            if self.verify_waiter is not None and not self.verify_waiter.done():
-                self.verify_waiter.set_result(message)
+            waiter = self.verify_waiter
+            # A late answer to a verify that timed out is not the answer to this one.
+            if waiter is not None and not waiter.done() and message.get("id") == self.verify_id:
+                waiter.set_result(message)
         elif kind == "exited":
             self.connected = False
         self.wake()

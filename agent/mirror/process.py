@@ -113,6 +113,7 @@ class MirrorProcess:
         self.receiver: Receiver | None = None
         self._quarantine_dir: Path | None = None
         self.activity: ActivityLog | None = None
+        self._verifier: threading.Thread | None = None
         # Secondary: what this node's activity log says it may hold that the primary lacks
         # (left by a crash while it was primary), until a resync has made it the primary's.
         self.leftover: dict[str, Any] | None = None
@@ -413,7 +414,7 @@ class MirrorProcess:
             }
         )
 
-    def verify(self) -> None:
+    def verify(self, ident: object) -> None:
         """Primary: compare both sides by block hashes while the application runs."""
         assert self.replicator is not None
         started = time.monotonic()
@@ -429,11 +430,12 @@ class MirrorProcess:
                     f"{self.dirs[root]}/{p}" if p else str(self.dirs[root]) for p in found
                 ]
         except link.LinkClosed as exc:
-            self.event({"event": "verify_done", "error": f"verify stopped: {exc}"})
+            self.event({"event": "verify_done", "id": ident, "error": f"verify stopped: {exc}"})
             return
         self.event(
             {
                 "event": "verify_done",
+                "id": ident,
                 "differing": differing,
                 "compared": compared,
                 "seconds": round(time.monotonic() - started, 3),
@@ -493,7 +495,16 @@ class MirrorProcess:
             elif name == "promote" and self.replicator is None:
                 self.promote()
             elif name == "verify" and self.replicator is not None:
-                threading.Thread(target=self.verify, daemon=True).start()
+                ident = command.get("id")
+                if self._verifier is not None and self._verifier.is_alive():
+                    # One at a time: two would take each other's manifests off the stream.
+                    reason = "the previous verify of this module is still running"
+                    self.event({"event": "verify_done", "id": ident, "error": reason})
+                else:
+                    self._verifier = threading.Thread(
+                        target=self.verify, args=(ident,), daemon=True
+                    )
+                    self._verifier.start()
             elif name == "stop":
                 break
         self.stop()

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.mirror_pair import MirrorPair, SoloMirror, run_in_mount_ns
+from tests.lab import wait_for
+from tests.mirror_pair import MirrorPair, SoloMirror, fill, run_in_mount_ns
 
 # An application in the mirror's mount namespace: it writes through the mount, then, once told
 # the agent is gone, tries to create another file there and says what happened.
@@ -102,3 +103,24 @@ def test_a_write_that_falls_short_on_the_primary_leaves_the_same_bytes_on_the_se
         primary = (pair.primary_dir / "f").read_bytes()
         assert primary == b"A" * (1 << 20) + b"B" * (1 << 19)
         assert (pair.secondary_dir / "f").read_bytes() == primary
+
+
+@pytest.mark.root
+def test_a_second_verify_is_refused_while_one_runs_and_answers_carry_their_id(
+    tmp_path: Path,
+) -> None:
+    with MirrorPair(tmp_path / "pair", mode="sync") as pair:
+        assert pair.primary is not None
+        primary = pair.primary
+        pair.connect("none")
+        fill(pair.primary_pid, pair.primary_mount / "big", 64 << 20)  # hashed for a while
+        mark = primary.mark()
+        primary.send({"cmd": "verify", "id": 1})
+        primary.send({"cmd": "verify", "id": 2})
+        both = wait_for(lambda: len(primary.since(mark, "verify_done")) == 2, 60)
+        answers = {a["id"]: a for a in primary.since(mark, "verify_done")}
+        assert both, f"two answers expected, got {answers}"
+        # Two at once would take each other's manifests off the stream: the second waits
+        # for nothing and says why, and each answer names the verify it belongs to.
+        assert "still running" in answers[2]["error"]
+        assert answers[1]["differing"] == [] and "error" not in answers[1]
