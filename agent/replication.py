@@ -120,12 +120,20 @@ class ReplicationRuntime:
             # This node crashed while primary: writes in flight may be here and not on the
             # peer. Its activity log names where; without one, hashes compare everything.
             covered, why = self._activity_covers()
+            if not self.pristine:
+                # Stepped down, or stopped with changes outside the mirror, before the crash:
+                # the log does not name those.
+                covered, why = False, "its copy was not in sync before: a full resync follows"
             self._set_pristine(False, f"the agent stopped while primary: {why}")
             self._set_covered(covered)
             self.store.put(self._key("mounted"), "0")
 
+    @property
+    def activity_path(self) -> Path:
+        return self.state_dir / "mirror" / f"{self.cfg.name}.activity"
+
     def _activity_covers(self) -> tuple[bool, str]:
-        path = self.state_dir / "mirror" / f"{self.cfg.name}.activity"
+        path = self.activity_path
         if not path.exists():
             return False, "no activity log, a full resync follows"
         try:
@@ -554,9 +562,18 @@ class ReplicationRuntime:
             self.split_reported = True
             self._split_epoch += 1
             self.changes = None  # unknown until counted: no policy decides on it meanwhile
-            self._split_count = asyncio.get_running_loop().create_task(
+            task = asyncio.get_running_loop().create_task(
                 self._report_split(verdict, self._split_epoch)
             )
+            task.add_done_callback(self._split_counted)
+            self._split_count = task
+
+    def _split_counted(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log_event(
+                log, f"counting this node's changes failed: {exc!r}", node=self.node,
+                module=self.cfg.name,
+            )  # fmt: skip
 
     async def _report_split(self, verdict: SyncVerdict, epoch: int) -> None:
         """Count and report what changed here, reading the journal (tens of MiB at worst) off
@@ -597,7 +614,8 @@ class ReplicationRuntime:
             shutil.copyfile(self.journal_path, copy)
             journal = Journal(copy)
             try:
-                names = journal.names()
+                # Not the names a returning peer's activity log added: those are its changes.
+                names = journal.names() - journal.state.differs
                 trusted = journal.usable
             finally:
                 journal.close()
@@ -674,6 +692,8 @@ class ReplicationRuntime:
         }
 
     async def shutdown(self) -> None:
+        if self._split_count is not None:
+            self._split_count.cancel()
         with contextlib.suppress(Exception):
             await self.stop_mirror()
 

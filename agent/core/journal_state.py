@@ -57,6 +57,7 @@ from agent.core.mirror_ops import (
     Write,
     decode_op,
     encode_op,
+    paths_of,
 )
 from agent.core.ranges import RangeSet
 
@@ -341,19 +342,27 @@ class JournalState:
         tracked file's names. What differs from the peer lies at these names (or below them)."""
         out: set[Key] = set(self._files) | self.differs
         for op in self.namespace:
-            out.update((op.root, path) for path in _op_paths(op))
+            out.update(_op_keys(op))
         return out
 
     def compare_names(self) -> set[Key]:
-        """What a resync compares by hashes after the replay: each Differs name and, when there
-        is one, every name a namespace operation touched (a rename may have moved what
-        differs there); empty when no name differs."""
-        if not self.differs:
-            return set()
-        out = set(self.differs)
-        for op in self.namespace:
-            out.update((op.root, path) for path in _op_paths(op))
-        return out
+        """What a resync compares by hashes after the replay: each Differs name, and every name
+        of a namespace operation that touched one (at, above or below it: a rename may have
+        moved what differs there, or replaced the directory holding it), until none is left."""
+        tainted = set(self.differs)
+        above = {a for key in tainted for a in _self_and_parents(key)}
+        changed = bool(tainted)
+        while changed:
+            changed = False
+            for op in self.namespace:
+                keys = _op_keys(op)
+                if any(k in above or any(p in tainted for p in _self_and_parents(k)) for k in keys):
+                    for key in keys:
+                        if key not in tainted:
+                            tainted.add(key)
+                            above.update(_self_and_parents(key))
+                            changed = True
+        return tainted
 
     @property
     def empty(self) -> bool:
@@ -363,7 +372,7 @@ class JournalState:
     @property
     def bytes_estimate(self) -> int:
         """Roughly the memory this state holds (CPython object sizes), for the journal's bound."""
-        total = sum(120 + sum(len(p) for p in _op_paths(op)) for op in self.namespace)
+        total = sum(120 + sum(len(p) for p in paths_of(op)) for op in self.namespace)
         total += sum(160 + len(path) for _, path in self._files)
         total += sum(250 + 64 * len(file.ranges) for _, file in self._distinct())
         return total + 100 * len(self._below)
@@ -401,10 +410,13 @@ def _moved(name: Key, old: Key, new: Key) -> Key:
     return (new[0], new[1] + name[1][len(old[1]) :])
 
 
-def _op_paths(op: Op) -> tuple[str, ...]:
-    if isinstance(op, Rename | Link):
-        return (op.path, op.new_path)
-    return (op.path,)
+def _op_keys(op: Op) -> list[Key]:
+    return [(op.root, path) for path in paths_of(op)]
+
+
+def _self_and_parents(key: Key) -> Iterator[Key]:
+    yield key
+    yield from _parents(key)
 
 
 # --- the journal's record payloads ---------------------------------------------------------

@@ -27,7 +27,7 @@ import blake3
 
 Buffer = bytes | bytearray | memoryview
 
-MIRROR_PROTOCOL = 1
+MIRROR_PROTOCOL = 2  # 2: activity and hashes requests
 MAGIC = b"TM"
 MAC_BYTES = 16
 HEADER = struct.Struct(">2sBBQI")

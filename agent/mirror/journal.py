@@ -586,10 +586,11 @@ class ActivityLog:
     def pin(self, keys: Sequence[ActivityKey], acked: int) -> None:
         """Before a change to `keys`: they are durably hot when this returns. Keys whose last
         ticket is at most `acked` may leave the set to keep it near `slots`."""
-        if not keys:
+        if not keys or not self.trusted:
             return
         with self._lock:
             hot = self._hot
+            self._open = list(keys)  # a new step: every op it enqueues settles these keys
             new = []
             for key in keys:
                 if key in hot:
@@ -597,10 +598,15 @@ class ActivityLog:
                 else:
                     new.append(key)
                 hot[key] = _OPEN
-                self._open.append(key)
             if not new:
                 return
             records = [_key_record(_ADD, key) for key in new]
+            # A name is compared whole (its subtree too) when given back: it leaves as soon
+            # as the peer has it, riding on this record's sync.
+            for key, ticket in list(hot.items()):
+                if key[0] == Kind.NAME and ticket <= acked:
+                    del hot[key]
+                    records.append(_key_record(_REMOVE, key))
             while len(hot) > self.slots:
                 oldest, ticket = next(iter(hot.items()))
                 if ticket > acked:
@@ -608,21 +614,33 @@ class ActivityLog:
                 del hot[oldest]
                 records.append(_key_record(_REMOVE, oldest))
             blob = b"".join(records)
-            if self._size + len(blob) > self._rewrite_at:
-                self._rewrite()
-            else:
-                _write_all(self._fd, blob, self._size)
-                os.fdatasync(self._fd)
-                self._size += len(blob)
+            try:
+                if self._size + len(blob) > self._rewrite_at:
+                    self._rewrite()
+                else:
+                    _write_all(self._fd, blob, self._size)
+                    os.fdatasync(self._fd)
+                    self._size += len(blob)
+            except OSError as exc:
+                self._give_up(f"recording in {self.path} failed: {exc.strerror}")
+                return
             self.syncs += 1
 
     def settle(self, ticket: int) -> None:
-        """The operation that pinned the open keys is enqueued as `ticket` (no I/O)."""
+        """An operation of the step that pinned the open keys is enqueued as `ticket` (no I/O):
+        a step of several (a write cut into frames) leaves them with its last ticket."""
         with self._lock:
             for key in self._open:
-                if self._hot.get(key) == _OPEN:
+                if key in self._hot:
                     self._hot[key] = ticket
-            self._open.clear()
+
+    def _give_up(self, reason: str) -> None:
+        """The log cannot record: it must not outlive this as if it covered the copy (a full
+        resync covers a crash from now on). Lock held."""
+        self.trusted = False
+        self.reason = reason
+        with contextlib.suppress(OSError):
+            self.path.unlink()
 
     def mark_alone(self) -> None:
         """This copy now changes without the log: it no longer covers it (durably)."""
@@ -633,11 +651,7 @@ class ActivityLog:
             try:
                 self._write_header()
             except OSError as exc:
-                # A log that still claims to cover this copy must not outlive this failure.
-                self.trusted = False
-                self.reason = f"marking {self.path} failed: {exc.strerror}"
-                with contextlib.suppress(OSError):
-                    self.path.unlink()
+                self._give_up(f"marking {self.path} failed: {exc.strerror}")
 
     def settled(self, acked: int) -> None:
         """The peer holds everything up to `acked` (a resync ended): keys with nothing newer
@@ -645,9 +659,14 @@ class ActivityLog:
         with self._lock:
             for key in [k for k, ticket in self._hot.items() if ticket <= acked]:
                 del self._hot[key]
-            self.alone = False
+            alone, self.alone = self.alone, False
+            try:
+                self._rewrite()
+            except OSError as exc:
+                self.alone = alone
+                self._give_up(f"rewriting {self.path} failed: {exc.strerror}")
+                return
             self.trusted, self.reason = True, ""
-            self._rewrite()
 
     def _write_header(self) -> None:
         os.pwrite(self._fd, _HEADER.pack(ACTIVITY_MAGIC, self._header()), 0)
@@ -669,15 +688,6 @@ class ActivityLog:
         """Every hot key, least recently used first."""
         with self._lock:
             return list(self._hot)
-
-    def clear(self) -> None:
-        """This copy holds exactly the peer's data: no key is hot any more, durably."""
-        with self._lock:
-            self._hot.clear()
-            self._open.clear()
-            self.alone = False
-            self._reset()
-            self.trusted, self.reason = True, ""
 
     def _reset(self) -> None:
         os.ftruncate(self._fd, 0)

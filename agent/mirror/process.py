@@ -24,6 +24,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -32,8 +33,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent.core import mirror_frames as mf
 from agent.core.activity import ActivityKey, Kind, journal_entries, moved_ranges
-from agent.core.journal_state import Entry
+from agent.core.journal_state import OPEN_END, Entry
 from agent.keys import load_key
 from agent.mirror import link, quarantine
 from agent.mirror.apply import Applier
@@ -180,19 +182,12 @@ class MirrorProcess:
         self.event({"event": "promoted"})
 
     def start_secondary(self) -> None:
-        if self.activity_path.exists():
-            log = ActivityLog.load(self.activity_path)
-            self.leftover = {
-                "usable": log.usable,
-                "reason": log.reason or ("written alone" if log.alone else ""),
-                "extent": log.extent_size,
-                "keys": [list(key) for key in log.hot()],
-            }
-            log.close()
         for path in self.dirs:
             clear_stale_mount(path)
             _ensure_dir(path)
             self.root_fds.append(os.open(path, os.O_RDONLY | os.O_DIRECTORY))
+        if self.activity_path.exists():
+            self.leftover = self._leftover()
             _run(["mount", "--bind", str(path), str(path)])
             self.bound.append(path)
             _run(["mount", "-o", "remount,bind,ro,nodev,nosuid", str(path)])
@@ -220,11 +215,13 @@ class MirrorProcess:
         if command.get("activity"):
             # The peer crashed while primary: what its activity log names may differ here.
             try:
-                given_back = _activity_entries(stream.request({"type": "activity"}))
-            except link.LinkClosed as exc:
+                answer = stream.request({"type": "activity"})
+            except (link.LinkClosed, mf.StreamError) as exc:
                 stream.close()
                 self.event({"event": "connect_failed", "reason": str(exc)})
                 return
+            try:
+                given_back = _activity_entries(answer, len(self.dirs))
             except ValueError as exc:
                 self.event({"event": "activity_refused", "reason": str(exc)})
                 resync = "full"
@@ -237,7 +234,10 @@ class MirrorProcess:
             self.replicator.absorb_held()
             own = journal.plan()
             if resync == "incremental":
-                journal.adopt(given_back)
+                with contextlib.suppress(JournalError):  # then not usable: checked next
+                    journal.adopt(given_back)
+                if not journal.usable:
+                    resync = "full"  # overflowed or failed while adopting the peer's keys
             if resync == "incremental" and journal.resyncing:
                 # An earlier resync from this journal was cut short: the peer holds part of
                 # it. Comparing the journal's names by hashes sends only what still differs.
@@ -325,17 +325,20 @@ class MirrorProcess:
             ticket = self.replicator.enqueue_control({"type": "resync_done", **done})
             self.replicator.wait_acked(ticket)
         except link.LinkClosed as exc:
+            self.replicator.abandon(str(exc))  # a stream left attached would never resync
             self.event({"event": "resync_interrupted", "reason": str(exc)})
+            self.progress = None
             return
         finally:
             self.replicator.resync_active = False
         with self.replicator.ordered():
             # Once the link is lost and the node journals again (ALONE), the journal also holds
             # the writes the peer never acknowledged: it stays, and the next resync resumes.
-            if self.replicator.state is not LinkState.ALONE:
+            state = self.replicator.state
+            if state is not LinkState.ALONE:
                 self.replicator.journal.clear()
-                if self.activity is not None:
-                    self.activity.settled(ticket)
+            if state is LinkState.CONNECTED and self.activity is not None:
+                self.activity.settled(ticket)
         changed = [f"{self.dirs[r]}/{p}" for r, p in job.changed[:200]]
         sent = self.progress.sent_bytes
         self.event(
@@ -390,6 +393,28 @@ class MirrorProcess:
         self.receiver = receiver
         self.receiver_thread = threading.Thread(target=serve, daemon=True)
         self.receiver_thread.start()
+
+    def _leftover(self) -> dict[str, Any]:
+        """What this node's activity log (left by a crash while primary) tells the new one."""
+        log = ActivityLog.load(self.activity_path)
+        try:
+            keys = log.hot()
+            usable, reason = log.usable, log.reason or ("written alone" if log.alone else "")
+        finally:
+            log.close()
+        for kind, root, path, _index in keys:
+            if usable and root >= len(self.root_fds):
+                usable, reason = False, "it names a replicated directory no longer configured"
+            elif usable and kind != Kind.NAME and _linked(self.root_fds[root], path):
+                # Its other names are not in any journal: only hashes of everything find them.
+                usable, reason = False, f"{self.dirs[root]}/{path} has several hard links"
+        extent = log.extent_size
+        return {
+            "usable": usable,
+            "reason": reason,
+            "extent": extent,
+            "keys": [list(k) for k in keys],
+        }
 
     def _activity_answer(self) -> dict[str, Any]:
         if self.leftover is None:
@@ -500,6 +525,9 @@ class MirrorProcess:
                     # One at a time: two would take each other's manifests off the stream.
                     reason = "the previous verify of this module is still running"
                     self.event({"event": "verify_done", "id": ident, "error": reason})
+                elif self.progress is not None:
+                    reason = "a resync is running: verify once it is done"
+                    self.event({"event": "verify_done", "id": ident, "error": reason})
                 else:
                     self._verifier = threading.Thread(
                         target=self.verify, args=(ident,), daemon=True
@@ -511,7 +539,7 @@ class MirrorProcess:
         self.event({"event": "stopped"})
 
 
-def _activity_entries(answer: dict[str, Any]) -> list[Entry]:
+def _activity_entries(answer: dict[str, Any], roots: int) -> list[Entry]:
     """The journal entries for the keys a returning peer sent; ValueError (with the reason)
     when its log cannot be used, so the resync compares everything instead."""
     if not answer.get("usable"):
@@ -526,13 +554,30 @@ def _activity_entries(answer: dict[str, Any]) -> list[Entry]:
             and len(item) == 4
             and item[0] in tuple(Kind)
             and isinstance(item[1], int)
+            and 0 <= item[1] < roots
             and isinstance(item[2], str)
+            and _plain_path(item[2])
             and isinstance(item[3], int)
-            and item[3] >= 0
+            and 0 <= item[3] * extent < OPEN_END
         ):
             raise ValueError(f"the peer's activity log holds a bad key: {item!r}")
         keys.append((int(item[0]), item[1], item[2], item[3]))
     return journal_entries(keys, extent)
+
+
+def _linked(root_fd: int, path: str) -> bool:
+    """Whether the file at `path` under `root_fd` has more than one name."""
+    try:
+        st = os.stat(path, dir_fd=root_fd, follow_symlinks=False)
+    except (OSError, ValueError):
+        return False
+    return st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode)
+
+
+def _plain_path(path: str) -> bool:
+    """A path inside a replicated directory: relative, no '.', '..' or empty component."""
+    parts = path.split("/")
+    return bool(path) and "\0" not in path and all(p not in ("", ".", "..") for p in parts)
 
 
 def _ensure_dir(path: Path) -> None:

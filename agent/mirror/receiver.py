@@ -24,7 +24,7 @@ from agent.mirror.link import LinkClosed, Stream
 from agent.mirror.manifest import encode_chunks, range_digests, scan
 
 ACK_EVERY = 64
-MAX_HASHED_SPAN = 64 << 20  # bytes of one file hashed per request (1024 digests)
+MAX_HASHED_SPAN = 8 << 20  # bytes of one file hashed per request: live ops wait meanwhile
 
 
 class Receiver:

@@ -329,12 +329,12 @@ class SourceResync:
                 continue
             if kind is not mf.FrameKind.CONTROL:
                 continue
-            answer = mf.decode_json(payload)
-            if answer.get("type") != "hashes":
-                continue
             try:
+                answer = mf.decode_json(payload)
+                if answer.get("type") != "hashes":
+                    continue
                 return {int(k): bytes.fromhex(v) for k, v in answer["digests"].items()}
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            except (mf.StreamError, KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise LinkClosed(f"the peer's block digests are malformed: {exc}") from None
 
     def _read(self, root: int, path: str, offset: int, size: int) -> bytes:

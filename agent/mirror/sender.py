@@ -156,6 +156,13 @@ class MirrorReplicator:
 
     def enqueue(self, op: Op, *, live: bool = True) -> int:
         """`live`: an application's operation (a resync's own are not `live`)."""
+        if live and self.resync_active and self._state is LinkState.CONNECTED:
+            # The journal keeps following the names while the resync runs (not durably: a
+            # crash here means a full resync anyway), so that one interrupted now is resumed
+            # over every name that may differ, a live rename's new name included. Written
+            # before taking the lock the ack thread needs (ordered() keeps the order).
+            with contextlib.suppress(JournalError):
+                self.journal.append([op])
         with self._cond:
             self._seq += 1
             seq = self._seq
@@ -177,11 +184,6 @@ class MirrorReplicator:
                     parent = path.rpartition("/")[0]
                     if parent:
                         self.touched.add((op.root, parent))
-                # The journal keeps following the names while the resync runs (not durably:
-                # a crash here means a full resync anyway), so that one interrupted now is
-                # resumed over every name that may differ, a live rename's new name included.
-                with contextlib.suppress(JournalError):
-                    self.journal.append([op])
             if self.mode != "sync" and isinstance(op, Write) and isinstance(op.data, memoryview):
                 # Borrowed from the FUSE request, which ends before the op is sent in these
                 # modes (in sync mode the request waits for the ack, so the view stays valid).
@@ -382,6 +384,9 @@ class MirrorReplicator:
     def step_down(self, reason: str) -> None:
         """The agent must not serve: held waits fail, nothing unmirrored is acknowledged."""
         with self._order:
+            if self.activity is not None:
+                # Changes still made here (they fail only when waited for) are not pinned.
+                self.activity.mark_alone()
             self._journal_settled()
             self._step_down(reason)
 
@@ -493,6 +498,12 @@ class MirrorReplicator:
                 self._latencies.add(now - sent_at)
             self._acked = max(self._acked, seq)
             self._cond.notify_all()
+
+    def abandon(self, reason: str) -> None:
+        """Drop the stream (the peer sent something unusable): the agent reconnects."""
+        with self._cond:
+            if self._state is LinkState.CONNECTED:
+                self._lost_locked(reason)
 
     def _lost(self, stream: Stream, reason: str) -> None:
         with self._cond:

@@ -84,27 +84,34 @@ def crashes(
     start = ModelFS()
     for _ in range(draw(st.integers(0, 12))):
         start.apply(_draw_op(draw, start, links=False))
-    crashed = start.copy()
+    ahead = start.copy()  # the crashed primary with every operation it had begun
     in_flight = []
     for _ in range(draw(st.integers(1, 4))):
-        op = _draw_op(draw, crashed, links=False)
-        crashed.apply(op)
+        op = _draw_op(draw, ahead, links=False)
+        ahead.apply(op)
         in_flight.append(op)
-    got = draw(st.integers(0, len(in_flight) - 1))
+    # A write is sent before it is made locally: the last one may have reached the peer and
+    # not the crashed copy. The peer got a prefix of them, or all.
+    crashed = start.copy()
+    for op in in_flight[: len(in_flight) - draw(st.integers(0, 1))]:
+        crashed.apply(op)
+    got = draw(st.integers(0, len(in_flight)))
     base = start.copy()
     for op in in_flight[:got]:
         base.apply(op)
     end = base.copy()
-    state = JournalState()
-    given_back = journal_entries([k for op in in_flight for k in activity_keys(op, EXTENT)], EXTENT)
-    for entry in given_back:
-        state.record(entry)
+    own = JournalState()
     session = []
     for _ in range(draw(st.integers(0, 20))):
         op = _draw_op(draw, end, links=False)
         end.apply(op)
-        state.record(op)
+        own.record(op)
         session.append(op)
+    # As Journal.adopt builds it: the peer's keys first, then the journal's compacted entries.
+    given_back = journal_entries([k for op in in_flight for k in activity_keys(op, EXTENT)], EXTENT)
+    state = JournalState()
+    for entry in [*given_back, *own.entries()]:
+        state.record(entry)
     return crashed, base, end, state, given_back, session
 
 

@@ -275,7 +275,7 @@ def test_after_a_crash_the_hot_keys_are_known(tmp_path: Path) -> None:
         assert loaded.usable
         assert loaded.extent_size == 1 << 20  # the file's own extent size counts
         assert loaded.hot() == keys
-        loaded.clear()
+        loaded.settled(acked=0)  # keys from a crash carry no ticket: all of them leave
         assert loaded.hot() == []
     finally:
         loaded.close()
@@ -415,3 +415,36 @@ def test_a_begun_resync_is_remembered_until_the_journal_is_cleared(tmp_path: Pat
     reopened = Journal(tmp_path / "j")
     assert not reopened.resyncing
     reopened.close()
+
+
+def test_a_name_leaves_once_acknowledged_and_a_step_settles_with_its_last_ticket(
+    tmp_path: Path,
+) -> None:
+    log = ActivityLog(tmp_path / "al", extent_size=4096, slots=64)
+    try:
+        name = (Kind.NAME, 0, "new", 0)
+        _pinned(log, 1, name)
+        _pinned(log, 2, _extent("f", 0), acked=0)
+        assert name in log.hot()  # not acknowledged yet
+        _pinned(log, 3, _extent("f", 1), acked=1)
+        assert name not in log.hot()  # acknowledged: gone with the next record
+        # One step enqueues several operations (a write cut into frames): the key stays until
+        # the last of them is acknowledged.
+        log.pin([_extent("g", 0)], acked=3)
+        log.settle(4)
+        log.settle(5)
+        for index in range(70):
+            _pinned(log, 6 + index, _extent("h", index), acked=4)
+        assert _extent("g", 0) in log.hot()
+    finally:
+        log.close()
+
+
+def test_a_log_that_cannot_record_removes_itself(tmp_path: Path) -> None:
+    log = ActivityLog(tmp_path / "al", extent_size=4096)
+    _pinned(log, 1, _extent("f", 0))
+    os.close(log._fd)  # the disk fails under it
+    log._fd = os.open(os.devnull, os.O_RDONLY)
+    _pinned(log, 2, _extent("g", 0))
+    assert not log.usable and not (tmp_path / "al").exists()
+    log.close()
