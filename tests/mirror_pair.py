@@ -30,7 +30,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -353,6 +353,19 @@ class MirrorPair:
             self.base / f"{primary}.log",
         )  # fmt: skip
         self.primary.wait_event(["ready"])
+
+    @contextlib.contextmanager
+    def frozen_secondary(self) -> Iterator[None]:
+        """Inside the block the secondary applies nothing (SIGSTOP): the primary's writes stay
+        in flight. Resumed after it, unless the pair crashed and swapped meanwhile."""
+        assert self.secondary is not None
+        pid = self.secondary.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
     def crash_and_swap(self) -> None:
         """The primary loses power (its mirror process killed -9: what it wrote locally and

@@ -22,7 +22,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from enum import IntEnum
 
-from agent.core.journal_state import OPEN_END, Differs, Dirty, Entry, JournalState, Key, Touched
+from agent.core.journal_state import (
+    FALLOC_COLLAPSE_RANGE,
+    FALLOC_INSERT_RANGE,
+    OPEN_END,
+    Differs,
+    Dirty,
+    Entry,
+    JournalState,
+    Key,
+    Touched,
+)
 from agent.core.mirror_ops import (
     Chmod,
     Chown,
@@ -38,8 +48,6 @@ from agent.core.mirror_ops import (
 )
 
 EXTENT_SIZE = 4 << 20
-FALLOC_COLLAPSE_RANGE = 0x08
-FALLOC_INSERT_RANGE = 0x20
 
 
 class Kind(IntEnum):

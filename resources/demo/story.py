@@ -24,6 +24,7 @@ from types import FrameType
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.cluster import DEMO_DIR, DEMO_PORT, VIP, Cluster, demo_module
+from tests.integration.support import last_event_id
 from tests.lab import Lab, wait_for
 
 BATCH_MIB = 160  # what a batch job writes on node2 while node1 is away
@@ -161,7 +162,7 @@ def story(lab: Lab) -> None:
     show_status(cluster, "node2")
 
     say(f"{GREEN}node1 comes back{RESET}: its agent starts and finds node2 serving")
-    mark = max((int(e["id"]) for e in cluster.events("node2")), default=0)
+    mark = last_event_id(cluster, "node2")
     lab.power_on("node1")
     cluster.start_agent("node1")
     cluster.wait_state("node1", ("SECOND",), timeout=30)

@@ -18,8 +18,6 @@ Sizes scale with TANDEM_BENCH_SCALE (default 1; 0.1 for a quick run); TANDEM_BEN
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -144,17 +142,19 @@ def test_resync_after_a_primary_crash(tmp_path: Path) -> None:
         pair.connect("none")
         big = pair.primary_mount / "big"
         fill(pair.primary_pid, big, FILE_BYTES)
-        os.kill(pair.secondary.pid, signal.SIGSTOP)
-        writer = start_write_in_flight(pair.primary_pid, big, FILE_BYTES // 2, in_flight)
+        writer = None
         try:
-            arrived = wait_for(
-                lambda: holds_in_flight_write(pair.primary_dir / "big", FILE_BYTES // 2), 30
-            )
-            assert arrived, "the write in flight never reached the primary's copy"
-            pair.crash_and_swap()
+            with pair.frozen_secondary():
+                writer = start_write_in_flight(pair.primary_pid, big, FILE_BYTES // 2, in_flight)
+                arrived = wait_for(
+                    lambda: holds_in_flight_write(pair.primary_dir / "big", FILE_BYTES // 2), 30
+                )
+                assert arrived, "the write in flight never reached the primary's copy"
+                pair.crash_and_swap()
         finally:
-            writer.kill()
-            writer.wait(timeout=60)
+            if writer is not None:
+                writer.kill()
+                writer.wait(timeout=60)
         pair.alone()
         changed = scatter(pair.primary_pid, pair.primary_mount / "big", FILE_BYTES, CHANGED,
                           4096, 3)  # fmt: skip

@@ -502,7 +502,6 @@ def test_two_mounts_in_one_process_and_an_idempotent_stop(base: Path) -> None:
 STALE_MOUNTER = """
 import sys, time
 from pathlib import Path
-from agent.core.activity import ActivityKey, Kind, activity_keys
 from agent.mirror.excludes import Excludes
 from agent.mirror.fs import MirrorMount
 from agent.mirror.replicator import LocalReplicator

@@ -9,8 +9,6 @@ an overwrite inside a large file, a new file, a rename, a chmod. Then node1's po
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -57,30 +55,29 @@ def test_a_crashed_primary_gives_back_its_changes_in_flight_by_its_activity_log(
         run_in_mount_ns(pid, ["touch", str(mount / "sub" / "x")])
         node1 = pair.primary_dir
 
-        os.kill(pair.secondary.pid, signal.SIGSTOP)
-        writers = [start_write_in_flight(pid, mount / "db", 4 * MIB, MIB)]
-        writers += [
-            subprocess.Popen(
-                ["nsenter", "-t", str(pid), "-m", "--", sys.executable, "-c", IN_FLIGHT, what,
-                 str(mount)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
-            for what in ("create", "rename", "chmod")
-        ]  # fmt: skip
+        writers: list[subprocess.Popen[bytes]] = []
         try:
-            for what, arrived in (
-                ("overwrite", lambda: holds_in_flight_write(node1 / "db", 4 * MIB)),
-                ("create", lambda: (node1 / "inflight").exists()),
-                ("rename", lambda: (node1 / "sub" / "y").exists()),
-                ("chmod", lambda: (node1 / "keep").stat().st_mode & 0o777 == 0o600),
-            ):
-                assert wait_for(arrived, 20), f"the {what} in flight never reached node1's copy"
-            assert all(w.poll() is None for w in writers), "a write returned without the peer"
-            pair.crash_and_swap()
+            with pair.frozen_secondary():
+                writers.append(start_write_in_flight(pid, mount / "db", 4 * MIB, MIB))
+                writers += [
+                    subprocess.Popen(
+                        ["nsenter", "-t", str(pid), "-m", "--", sys.executable, "-c", IN_FLIGHT,
+                         what, str(mount)],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    )
+                    for what in ("create", "rename", "chmod")
+                ]  # fmt: skip
+                for what, arrived in (
+                    ("overwrite", lambda: holds_in_flight_write(node1 / "db", 4 * MIB)),
+                    ("create", lambda: (node1 / "inflight").exists()),
+                    ("rename", lambda: (node1 / "sub" / "y").exists()),
+                    ("chmod", lambda: (node1 / "keep").stat().st_mode & 0o777 == 0o600),
+                ):
+                    assert wait_for(arrived, 20), f"the {what} in flight never reached node1"
+                assert all(w.poll() is None for w in writers), "a write returned without the peer"
+                pair.crash_and_swap()
         finally:
-            if pair.nodes[0] == "node1":  # failed before the crash: let the writers finish
-                os.kill(pair.secondary.pid, signal.SIGCONT)
-            for w in writers:
+            for w in writers:  # after the secondary resumed (or died): they can end now
                 w.kill()
                 w.wait(timeout=60)
 
@@ -114,3 +111,41 @@ def test_a_crashed_primary_gives_back_its_changes_in_flight_by_its_activity_log(
         assert not (back.parent / "mirror" / "bench.activity").exists(), (
             "the returning node kept its activity log after the resync made it the primary's"
         )
+
+
+@pytest.mark.root
+def test_a_write_in_flight_to_a_hard_linked_file_gets_a_full_comparison(tmp_path: Path) -> None:
+    """The journals know a file by the names they saw; an older second name would be missed:
+    the returning node says its log cannot be used, and both trees are compared."""
+    with MirrorPair(tmp_path / "pair", mode="sync") as pair:
+        assert pair.primary is not None
+        pid, mount = pair.primary_pid, pair.primary_mount
+        pair.connect("none")
+        fill(pid, mount / "a", MIB)
+        run_in_mount_ns(pid, ["ln", str(mount / "a"), str(mount / "b")])
+        fill(pid, mount / "c", MIB)  # the link's names leave the log (acknowledged)
+        node1 = pair.primary_dir
+        writer = None
+        try:
+            with pair.frozen_secondary():
+                writer = start_write_in_flight(pid, mount / "a", 0, 4096)
+                assert wait_for(lambda: holds_in_flight_write(node1 / "b", 0), 20)
+                pair.crash_and_swap()
+        finally:
+            if writer is not None:
+                writer.kill()
+                writer.wait(timeout=60)
+        pair.alone()
+        assert pair.primary is not None
+        # node2 removes the name the write went through: no journal names "b" any more.
+        run_in_mount_ns(pair.primary_pid, ["rm", str(pair.primary_mount / "a")])
+        mark = pair.primary.mark()
+
+        done = pair.connect("incremental", activity=True)
+
+        refused = pair.primary.since(mark, "activity_refused")
+        assert refused and "hard links" in refused[0]["reason"], refused
+        assert done["connected"]["resync"] == "full"
+        assert_same_copies(pair, ["b"])
+        assert not (pair.secondary_dir / "a").exists()
+        assert not holds_in_flight_write(pair.secondary_dir / "b", 0), "the write in flight stayed"

@@ -1,27 +1,27 @@
 """An interrupted resync resumes: what the peer already got is not sent again.
 
 A real primary and secondary mirror process (tests/mirror_pair.py). The primary runs alone and
-writes 32 MiB; the resync back, held to 8 MiB/s, is cut short by the agent's `alone` while a
+writes 32 MiB; the resync back, held to 4 MiB/s, is cut short by the agent's `alone` while a
 live rename moves a file it has not finished sending. The next connect must send only what
 still differs (counted block by block on the real files), and leave both copies equal.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.lab import wait_for
 from tests.mirror_pair import (
     MirrorPair,
-    PairError,
     assert_same_copies,
     fill,
     run_in_mount_ns,
 )
 
 MIB = 1 << 20
+RATE = 4 * MIB  # slow enough that the cut lands seconds before the resync would end
 BLOCK = 64 * 1024  # the resync's hash block
 
 
@@ -37,18 +37,19 @@ def differing_bytes(primary: Path, secondary: Path) -> int:
 
 
 def wait_resync_progress(pair: MirrorPair, mark: int, at_least: int) -> dict[str, int]:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        shown = [f["resync"] for f in pair.figures(mark) if f.get("resync")]
-        if shown and shown[-1]["done_bytes"] >= at_least:
-            return dict(shown[-1])
-        time.sleep(0.1)
-    raise PairError(f"the resync did not reach {at_least} bytes within 60 s")
+    """The first `resync` figures (sent every second) showing at least `at_least` bytes done."""
+
+    def shown() -> list[dict[str, int]]:
+        return [f["resync"] for f in pair.figures(mark) if f.get("resync")]
+
+    reached = wait_for(lambda: bool(shown()) and shown()[-1]["done_bytes"] >= at_least, 60)
+    assert reached, f"the resync did not reach {at_least} bytes within 60 s"
+    return dict(shown()[-1])
 
 
 @pytest.mark.root
 def test_an_interrupted_resync_resumes_where_it_stopped(tmp_path: Path) -> None:
-    with MirrorPair(tmp_path / "pair", mode="sync", resync_rate=8 * MIB) as pair:
+    with MirrorPair(tmp_path / "pair", mode="sync", resync_rate=RATE) as pair:
         assert pair.primary is not None
         pid, mount = pair.primary_pid, pair.primary_mount
         pair.connect("none")
@@ -89,7 +90,7 @@ def test_an_interrupted_resync_resumes_where_it_stopped(tmp_path: Path) -> None:
 
 @pytest.mark.root
 def test_a_resync_cut_by_a_dead_link_also_resumes(tmp_path: Path) -> None:
-    with MirrorPair(tmp_path / "pair", mode="sync", resync_rate=8 * MIB, ack_timeout=1.0) as pair:
+    with MirrorPair(tmp_path / "pair", mode="sync", resync_rate=RATE, ack_timeout=1.0) as pair:
         assert pair.primary is not None
         pid, mount = pair.primary_pid, pair.primary_mount
         pair.connect("none")
