@@ -267,7 +267,10 @@ class ReplicationRuntime:
         # moves on from what the peer holds: a new generation, always (a swap included).
         self._save(self.generations.serving_alone(_new_id()), "primary: a new data generation")
         self.in_sync = False
-        self._set_covered(False)  # this copy is the reference now, not one to mend
+        # Crashed while primary and serving again: its activity log's places go into the
+        # journal, which then describes this copy against the peer's (see below).
+        adopt, self.covered = self.covered, False
+        self.store.put(self._key("covered"), "0")
         self.store.put(self._key("mounted"), "1")
         alive = self.role == "secondary" and self.handle is not None and self.handle.alive
         if alive and self.handle is not None and await self._promote(self.handle):
@@ -278,12 +281,23 @@ class ReplicationRuntime:
         await self.stop_mirror()
         self.primary_since = time.time()
         self.store.put(self._key("primary_since"), repr(self.primary_since))
-        handle = MirrorHandle(self.spec("primary"), self.on_mirror_event)
+        handle = MirrorHandle(
+            {**self.spec("primary"), "adopt_activity": adopt}, self.on_mirror_event
+        )
         try:
-            await handle.start()
+            ready = await handle.start()
         except MirrorError:
             self.store.put(self._key("mounted"), "0")
             raise
+        if "adopted" in ready:
+            self._set_pristine(True, "")
+            self.event(
+                "replication",
+                f"the {ready['adopted']} place(s) this node's activity log named are in its "
+                "journal: the resync to the peer stays incremental",
+            )
+        elif adopt:
+            self.event("replication", f"activity log not used: {ready.get('adopt_refused')}")
         self.handle, self.role = handle, "primary"
         self.connected = self.journalling = self.suspecting = False
         self.event("mirror", "replicated directories mounted through the mirror")

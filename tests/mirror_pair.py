@@ -279,6 +279,7 @@ class MirrorPair:
         self.ns_primary = f"tmp{self.tag}-p"
         self.ns_secondary = f"tmp{self.tag}-s"
         self.nodes = ("node1", "node2")  # the primary's, the secondary's (swapped by a crash)
+        self.ready: dict[str, Any] = {}  # the primary's `ready` event
         self.primary_address, self.secondary_address = PRIMARY_ADDRESS, SECONDARY_ADDRESS
         self.primary_dir = self.base / "node1" / "data"
         self.secondary_dir = self.base / "node2" / "data"
@@ -331,7 +332,7 @@ class MirrorPair:
         self._ack_timeout = ack_timeout
         self._start_processes(proxy=self.delay_ms is not None)
 
-    def _start_processes(self, proxy: bool) -> None:
+    def _start_processes(self, proxy: bool, primary_extra: dict[str, Any] | None = None) -> None:
         """The secondary, its acceptor (and delay proxy), then the primary."""
         primary, secondary = self.nodes
         self.secondary = MirrorProcess(
@@ -347,12 +348,13 @@ class MirrorPair:
                 self._start_proxy(PROXY_PORT, ("127.0.0.1", PEER_PORT), self.delay_ms)
             )
         self.primary = MirrorProcess(
-            _spec("primary", primary, self.primary_dir, self.key_file,
-                  self.base / primary, self.mode, self._ack_timeout, self.resync_rate),
+            {**_spec("primary", primary, self.primary_dir, self.key_file,
+                     self.base / primary, self.mode, self._ack_timeout, self.resync_rate),
+             **(primary_extra or {})},
             ["ip", "netns", "exec", self.ns_primary],
             self.base / f"{primary}.log",
         )  # fmt: skip
-        self.primary.wait_event(["ready"])
+        self.ready = self.primary.wait_event(["ready"])
 
     @contextlib.contextmanager
     def frozen_secondary(self) -> Iterator[None]:
@@ -367,23 +369,28 @@ class MirrorPair:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
 
-    def crash_and_swap(self) -> None:
-        """The primary loses power (its mirror process killed -9: what it wrote locally and
-        the secondary never applied stays in its copy; the secondary's process is killed too,
-        frames it holds unapplied), then the secondary's node comes back as primary and the
-        crashed one as its secondary, each on its own copy and state directory."""
+    def crash(self, *, swap: bool, adopt_activity: bool = False) -> None:
+        """Both nodes lose power (mirror processes killed -9: what the primary wrote locally
+        and the secondary never applied stays in its copy; frames the secondary holds are
+        never applied), then come back, each on its own copy and state directory: `swap`, the
+        secondary's node as primary (a failover); else the same roles, the primary told to
+        adopt its activity log (`adopt_activity`) as its agent would."""
         if self.delay_ms is not None:
-            raise PairError("crash_and_swap: a pair with a delay proxy cannot swap roles")
+            raise PairError("crash: a pair with a delay proxy cannot restart its processes")
         assert self.primary is not None and self.secondary is not None
         for proc in (self.primary, self.secondary):
             proc.proc.kill()
             proc.close()
         self._stop_acceptor()
-        self.nodes = (self.nodes[1], self.nodes[0])
-        self.primary_dir, self.secondary_dir = self.secondary_dir, self.primary_dir
-        self.ns_primary, self.ns_secondary = self.ns_secondary, self.ns_primary
-        self.secondary_address, self.primary_address = self.primary_address, self.secondary_address
-        self._start_processes(proxy=False)
+        if swap:
+            self.nodes = (self.nodes[1], self.nodes[0])
+            self.primary_dir, self.secondary_dir = self.secondary_dir, self.primary_dir
+            self.ns_primary, self.ns_secondary = self.ns_secondary, self.ns_primary
+            self.secondary_address, self.primary_address = (
+                self.primary_address,
+                self.secondary_address,
+            )
+        self._start_processes(proxy=False, primary_extra={"adopt_activity": adopt_activity})
 
     def ip(self, ns: str, *args: str) -> str:
         """`ip` run in namespace `ns`; PairError with its message if it fails."""

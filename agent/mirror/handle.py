@@ -34,8 +34,9 @@ class MirrorHandle:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.returncode is None
 
-    async def start(self) -> None:
-        """Spawn the process and wait until its mounts are in place (or its reason to fail)."""
+    async def start(self) -> dict[str, Any]:
+        """Spawn the process and wait until its mounts are in place (or its reason to fail);
+        its `ready` message."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock = ours
         env = dict(os.environ)
@@ -62,6 +63,7 @@ class MirrorHandle:
         if first.get("event") != "ready":
             await self.kill()
             raise MirrorError(str(first.get("reason", "mirror process failed to start")))
+        return first
 
     async def _read_events(self, sock: socket.socket) -> None:
         reader, writer = await asyncio.open_connection(sock=sock)

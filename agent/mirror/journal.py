@@ -514,7 +514,14 @@ class ActivityLog:
     `settled` after a resync.
     """
 
-    def __init__(self, path: Path, extent_size: int = EXTENT_SIZE, slots: int = 64) -> None:
+    def __init__(
+        self,
+        path: Path,
+        extent_size: int = EXTENT_SIZE,
+        slots: int = 64,
+        *,
+        keep_leftover: bool = False,
+    ) -> None:
         if extent_size < 4096 or slots < 1:
             raise ValueError(
                 f"activity log extent_size {extent_size} / slots {slots}: give an extent of at"
@@ -531,6 +538,9 @@ class ActivityLog:
         self._hot: OrderedDict[ActivityKey, float] = OrderedDict()  # key -> ticket (inf: open)
         self._open: list[ActivityKey] = []  # pinned, their operation not enqueued yet
         self._rewrite_at = 1024 * slots  # the file is rewritten from the set past this size
+        # Keys left by a crash that this node is about to give back itself stay until `settled`
+        # (a second crash before the resync must still find them); else they may leave at once.
+        self._leftover_ticket = _OPEN if keep_leftover else 0.0
         self._fd, raw = _open(self.path)
         self._size = len(raw)
         try:
@@ -573,7 +583,7 @@ class ActivityLog:
                 break
             key = (kind, root, name, index)
             if change == _ADD:
-                self._hot[key] = 0.0  # from an earlier run: the peer never acknowledged it
+                self._hot[key] = self._leftover_ticket
             else:
                 self._hot.pop(key, None)
         if scan.torn and not scan.damage:
@@ -655,9 +665,10 @@ class ActivityLog:
 
     def settled(self, acked: int) -> None:
         """The peer holds everything up to `acked` (a resync ended): keys with nothing newer
-        in flight leave, and the log covers this copy again."""
+        in flight leave, and the log covers this copy again. Called between steps (ordered()
+        held), so a key still open is one kept from a crash: it leaves too."""
         with self._lock:
-            for key in [k for k, ticket in self._hot.items() if ticket <= acked]:
+            for key in [k for k, ticket in self._hot.items() if ticket <= acked or ticket == _OPEN]:
                 del self._hot[key]
             alone, self.alone = self.alone, False
             try:

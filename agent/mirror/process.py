@@ -116,6 +116,8 @@ class MirrorProcess:
         self._quarantine_dir: Path | None = None
         self.activity: ActivityLog | None = None
         self._verifier: threading.Thread | None = None
+        self.adoption: dict[str, Any] = {}  # said in `ready`: the crash's keys were adopted
+        self.carried: list[Entry] = []  # this node's own keys from a crash, for the next resync
         # Secondary: what this node's activity log says it may hold that the primary lacks
         # (left by a crash while it was primary), until a resync has made it the primary's.
         self.leftover: dict[str, Any] | None = None
@@ -137,7 +139,12 @@ class MirrorProcess:
     def start_primary(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         journal = Journal(self.state_dir / f"{self.module}.journal")
-        self.activity = ActivityLog(self.activity_path)
+        for path in self.dirs:
+            clear_stale_mount(path)
+            _ensure_dir(path)
+        if self.spec.get("adopt_activity"):
+            self.adoption = self._adopt_leftover(journal)
+        self.activity = ActivityLog(self.activity_path, keep_leftover=bool(self.carried))
         self.replicator = MirrorReplicator(
             self.spec.get("mode", "sync"),
             journal,
@@ -148,8 +155,6 @@ class MirrorProcess:
             activity=self.activity,
         )
         for index, path in enumerate(self.dirs):
-            clear_stale_mount(path)
-            _ensure_dir(path)
             excludes = Excludes(list(self.spec["dirs"][index].get("exclude", [])))
             mount = MirrorMount(path, index, self.replicator, excludes)
             mount.start()
@@ -187,7 +192,7 @@ class MirrorProcess:
             _ensure_dir(path)
             self.root_fds.append(os.open(path, os.O_RDONLY | os.O_DIRECTORY))
         if self.activity_path.exists():
-            self.leftover = self._leftover()
+            self.leftover = self._leftover(self.root_fds)
             _run(["mount", "--bind", str(path), str(path)])
             self.bound.append(path)
             _run(["mount", "-o", "remount,bind,ro,nodev,nosuid", str(path)])
@@ -211,7 +216,7 @@ class MirrorProcess:
             self.event({"event": "connect_failed", "reason": str(exc)})
             return
         resync = str(command.get("resync", "none"))
-        given_back: list[Entry] = []
+        given_back: list[Entry] = list(self.carried)
         if command.get("activity"):
             # The peer crashed while primary: what its activity log names may differ here.
             try:
@@ -221,12 +226,14 @@ class MirrorProcess:
                 self.event({"event": "connect_failed", "reason": str(exc)})
                 return
             try:
-                given_back = _activity_entries(answer, len(self.dirs))
+                given_back += _activity_entries(answer, len(self.dirs))
             except ValueError as exc:
                 self.event({"event": "activity_refused", "reason": str(exc)})
                 resync = "full"
         journal = self.replicator.journal
-        if resync == "none" and (not journal.state.empty or self.replicator.holds_ops()):
+        if resync == "none" and (
+            not journal.state.empty or self.replicator.holds_ops() or self.carried
+        ):
             resync = "incremental"  # written here after the peer last had our data
         if resync == "incremental" and not journal.usable:
             resync = "full"
@@ -337,6 +344,7 @@ class MirrorProcess:
             state = self.replicator.state
             if state is not LinkState.ALONE:
                 self.replicator.journal.clear()
+                self.carried = []
             if state is LinkState.CONNECTED and self.activity is not None:
                 self.activity.settled(ticket)
         changed = [f"{self.dirs[r]}/{p}" for r, p in job.changed[:200]]
@@ -394,7 +402,27 @@ class MirrorProcess:
         self.receiver_thread = threading.Thread(target=serve, daemon=True)
         self.receiver_thread.start()
 
-    def _leftover(self) -> dict[str, Any]:
+    def _adopt_leftover(self, journal: Journal) -> dict[str, Any]:
+        """This node crashed while primary and serves again: what its activity log names may
+        differ on the peer, so the next resync carries it (read before anything is mounted)."""
+        if not self.activity_path.exists():
+            return {"adopt_refused": "no activity log"}
+        fds = [os.open(path, os.O_RDONLY | os.O_DIRECTORY) for path in self.dirs]
+        try:
+            leftover = self._leftover(fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if not leftover["usable"]:
+            return {"adopt_refused": leftover["reason"]}
+        if not journal.usable:
+            return {"adopt_refused": f"the journal cannot take them: {journal.reason}"}
+        keys = [(int(k[0]), int(k[1]), str(k[2]), int(k[3])) for k in leftover["keys"]]
+        # Given back at the next connect, as a returning peer's are: compared by digests.
+        self.carried = journal_entries(keys, leftover["extent"])
+        return {"adopted": len(keys)}
+
+    def _leftover(self, root_fds: list[int]) -> dict[str, Any]:
         """What this node's activity log (left by a crash while primary) tells the new one."""
         log = ActivityLog.load(self.activity_path)
         try:
@@ -403,9 +431,9 @@ class MirrorProcess:
         finally:
             log.close()
         for kind, root, path, _index in keys:
-            if usable and root >= len(self.root_fds):
+            if usable and root >= len(root_fds):
                 usable, reason = False, "it names a replicated directory no longer configured"
-            elif usable and kind != Kind.NAME and _linked(self.root_fds[root], path):
+            elif usable and kind != Kind.NAME and _linked(root_fds[root], path):
                 # Its other names are not in any journal: only hashes of everything find them.
                 usable, reason = False, f"{self.dirs[root]}/{path} has several hard links"
         extent = log.extent_size
@@ -620,7 +648,7 @@ def main() -> int:
         reason = str(exc) if isinstance(exc, OSError) and exc.errno is None else repr(exc)
         control.send({"event": "failed", "reason": reason})
         return 1
-    control.send({"event": "ready", "role": spec["role"]})
+    control.send({"event": "ready", "role": spec["role"], **process.adoption})
     process.run()
     return 0
 

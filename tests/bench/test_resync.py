@@ -150,7 +150,7 @@ def test_resync_after_a_primary_crash(tmp_path: Path) -> None:
                     lambda: holds_in_flight_write(pair.primary_dir / "big", FILE_BYTES // 2), 30
                 )
                 assert arrived, "the write in flight never reached the primary's copy"
-                pair.crash_and_swap()
+                pair.crash(swap=True)
         finally:
             if writer is not None:
                 writer.kill()

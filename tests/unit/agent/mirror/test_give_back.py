@@ -75,7 +75,7 @@ def test_a_crashed_primary_gives_back_its_changes_in_flight_by_its_activity_log(
                 ):
                     assert wait_for(arrived, 20), f"the {what} in flight never reached node1"
                 assert all(w.poll() is None for w in writers), "a write returned without the peer"
-                pair.crash_and_swap()
+                pair.crash(swap=True)
         finally:
             for w in writers:  # after the secondary resumed (or died): they can end now
                 w.kill()
@@ -130,7 +130,7 @@ def test_a_write_in_flight_to_a_hard_linked_file_gets_a_full_comparison(tmp_path
             with pair.frozen_secondary():
                 writer = start_write_in_flight(pid, mount / "a", 0, 4096)
                 assert wait_for(lambda: holds_in_flight_write(node1 / "b", 0), 20)
-                pair.crash_and_swap()
+                pair.crash(swap=True)
         finally:
             if writer is not None:
                 writer.kill()
@@ -149,3 +149,33 @@ def test_a_write_in_flight_to_a_hard_linked_file_gets_a_full_comparison(tmp_path
         assert_same_copies(pair, ["b"])
         assert not (pair.secondary_dir / "a").exists()
         assert not holds_in_flight_write(pair.secondary_dir / "b", 0), "the write in flight stayed"
+
+
+@pytest.mark.root
+def test_a_primary_that_crashes_and_serves_again_sends_its_activity_log_places(
+    tmp_path: Path,
+) -> None:
+    """Both nodes lose power and node1 comes back as primary: what it held in flight goes to
+    node2 from its journal, where its activity log's places were adopted (no full compare)."""
+    with MirrorPair(tmp_path / "pair", mode="sync") as pair:
+        pid, mount = pair.primary_pid, pair.primary_mount
+        pair.connect("none")
+        fill(pid, mount / "db", 32 * MIB)
+        writer = None
+        try:
+            with pair.frozen_secondary():
+                writer = start_write_in_flight(pid, mount / "db", 8 * MIB, MIB)
+                assert wait_for(lambda: holds_in_flight_write(pair.primary_dir / "db", 8 * MIB), 20)
+                pair.crash(swap=False, adopt_activity=True)
+        finally:
+            if writer is not None:
+                writer.kill()
+                writer.wait(timeout=60)
+
+        assert pair.nodes == ("node1", "node2") and pair.ready.get("adopted", 0) > 0, pair.ready
+        done = pair.connect("incremental")
+
+        assert done["connected"]["resync"] == "incremental"
+        assert done["sent_bytes"] <= MIB, f"{done['sent_bytes']} bytes sent for 1 MiB in flight"
+        assert_same_copies(pair, ["db"])
+        assert holds_in_flight_write(pair.secondary_dir / "db", 8 * MIB)
