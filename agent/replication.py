@@ -267,17 +267,19 @@ class ReplicationRuntime:
         # moves on from what the peer holds: a new generation, always (a swap included).
         self._save(self.generations.serving_alone(_new_id()), "primary: a new data generation")
         self.in_sync = False
-        # Crashed while primary and serving again: its activity log's places go into the
-        # journal, which then describes this copy against the peer's (see below).
-        adopt, self.covered = self.covered, False
-        self.store.put(self._key("covered"), "0")
+        # Crashed while primary and serving again: the mirror carries its activity log's
+        # places into the next resync, which then stays incremental (see _took_over).
+        adopt = self.covered
         self.store.put(self._key("mounted"), "1")
         alive = self.role == "secondary" and self.handle is not None and self.handle.alive
-        if alive and self.handle is not None and await self._promote(self.handle):
-            self.primary_since = time.time()
-            self.store.put(self._key("primary_since"), repr(self.primary_since))
-            self.event("mirror", "replicated directories mounted through the mirror")
-            return
+        if alive and self.handle is not None:
+            promoted = await self._promote(self.handle, adopt)
+            if promoted is not None:
+                self.primary_since = time.time()
+                self.store.put(self._key("primary_since"), repr(self.primary_since))
+                self._took_over(promoted, adopt)
+                self.event("mirror", "replicated directories mounted through the mirror")
+                return
         await self.stop_mirror()
         self.primary_since = time.time()
         self.store.put(self._key("primary_since"), repr(self.primary_since))
@@ -289,35 +291,41 @@ class ReplicationRuntime:
         except MirrorError:
             self.store.put(self._key("mounted"), "0")
             raise
-        if "adopted" in ready:
-            self._set_pristine(True, "")
-            self.event(
-                "replication",
-                f"the {ready['adopted']} place(s) this node's activity log named are in its "
-                "journal: the resync to the peer stays incremental",
-            )
-        elif adopt:
-            self.event("replication", f"activity log not used: {ready.get('adopt_refused')}")
+        self._took_over(ready, adopt)
         self.handle, self.role = handle, "primary"
         self.connected = self.journalling = self.suspecting = False
         self.event("mirror", "replicated directories mounted through the mirror")
 
-    async def _promote(self, handle: MirrorHandle) -> bool:
-        """Ask the running secondary to become primary in place (a failover's fast path)."""
+    def _took_over(self, answer: dict[str, Any], adopt: bool) -> None:
+        """The mirror serves as primary; `answer` says whether it carries the activity log."""
+        if "adopted" in answer:
+            self._set_pristine(True, "")
+            self.event(
+                "replication",
+                f"the {answer['adopted']} place(s) this node's activity log named go into its "
+                "next resync: it stays incremental",
+            )
+        elif adopt:
+            self.event("replication", f"activity log not used: {answer.get('adopt_refused')}")
+        self._set_covered(False)  # this copy is the reference now, not one to mend
+
+    async def _promote(self, handle: MirrorHandle, adopt: bool) -> dict[str, Any] | None:
+        """Ask the running secondary to become primary in place (a failover's fast path); its
+        `promoted` answer, or None."""
         loop = asyncio.get_running_loop()
         self._promoted = loop.create_future()
-        if not handle.send({"cmd": "promote"}):
-            return False
+        if not handle.send({"cmd": "promote", "adopt_activity": adopt}):
+            return None
         try:
             outcome = await asyncio.wait_for(self._promoted, 20.0)
         except TimeoutError:
             outcome = {"event": "promote_failed", "reason": "no answer in 20 s"}
         if outcome.get("event") != "promoted":
             self.event("mirror", f"in-place promotion failed: {outcome.get('reason')}; restarting")
-            return False
+            return None
         self.role = handle.role = "primary"
         self.connected = self.journalling = self.suspecting = False
-        return True
+        return outcome
 
     async def become_secondary(self) -> None:
         if self.role == "secondary" and self.handle is not None and self.handle.alive:

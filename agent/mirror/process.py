@@ -162,7 +162,7 @@ class MirrorProcess:
             self.root_fds.append(mount.dir_fd)
         threading.Thread(target=self._figures_loop, daemon=True).start()
 
-    def promote(self) -> None:
+    def promote(self, adopt_activity: bool = False) -> None:
         """Secondary → primary in place: no new process to start during a failover."""
         if self.receiver_thread is not None and self.receiver is not None:
             self.receiver.stop()  # a primary still sending must not write under us
@@ -179,12 +179,13 @@ class MirrorProcess:
             os.close(fd)
         self.root_fds = []
         self.spec["role"] = "primary"
+        self.spec["adopt_activity"] = adopt_activity
         try:
             self.start_primary()
         except Exception as exc:  # reported in words; the agent decides
             self.event({"event": "promote_failed", "reason": str(exc)})
             return
-        self.event({"event": "promoted"})
+        self.event({"event": "promoted", **self.adoption})
 
     def start_secondary(self) -> None:
         for path in self.dirs:
@@ -546,7 +547,7 @@ class MirrorProcess:
             elif name == "step_down" and self.replicator is not None:
                 self.replicator.step_down(str(command.get("reason", "stepping down")))
             elif name == "promote" and self.replicator is None:
-                self.promote()
+                self.promote(bool(command.get("adopt_activity")))
             elif name == "verify" and self.replicator is not None:
                 ident = command.get("id")
                 if self._verifier is not None and self._verifier.is_alive():
