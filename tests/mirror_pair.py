@@ -45,6 +45,7 @@ from tests.lab import (
     _run,
     delete_netns,
     netns_socket,
+    wait_for,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -368,6 +369,34 @@ class MirrorPair:
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
+
+    def crash_with_write_in_flight(
+        self,
+        name: str,
+        offset: int,
+        size: int,
+        *,
+        swap: bool,
+        adopt_activity: bool = False,
+        seen_as: str | None = None,
+    ) -> None:
+        """A writer overwrites `size` bytes of `name` at `offset` with the secondary frozen; once
+        they are in the primary's copy (looked for at `seen_as`, another name of the file, if
+        given), both nodes crash (`crash`). The writer is gone afterwards."""
+        writer = None
+        try:
+            with self.frozen_secondary():
+                writer = start_write_in_flight(
+                    self.primary_pid, self.primary_mount / name, offset, size
+                )
+                where = self.primary_dir / (seen_as or name)
+                if not wait_for(lambda: holds_in_flight_write(where, offset), 30):
+                    raise PairError(f"the write in flight never reached {where}")
+                self.crash(swap=swap, adopt_activity=adopt_activity)
+        finally:
+            if writer is not None:  # after the secondary resumed (or died): it can end now
+                writer.kill()
+                writer.wait(timeout=60)
 
     def crash(self, *, swap: bool, adopt_activity: bool = False) -> None:
         """Both nodes lose power (mirror processes killed -9: what the primary wrote locally

@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 
 from tests.bench.conftest import bench_rounds, median, met, ratio, report
-from tests.lab import wait_for
 from tests.mirror_pair import (
     MirrorPair,
     PairError,
@@ -32,9 +31,7 @@ from tests.mirror_pair import (
     bench_scale,
     dd_write,
     fill,
-    holds_in_flight_write,
     scatter,
-    start_write_in_flight,
 )
 
 pytestmark = [pytest.mark.timeout(5400), pytest.mark.usefixtures("quiet_host")]
@@ -142,19 +139,7 @@ def test_resync_after_a_primary_crash(tmp_path: Path) -> None:
         pair.connect("none")
         big = pair.primary_mount / "big"
         fill(pair.primary_pid, big, FILE_BYTES)
-        writer = None
-        try:
-            with pair.frozen_secondary():
-                writer = start_write_in_flight(pair.primary_pid, big, FILE_BYTES // 2, in_flight)
-                arrived = wait_for(
-                    lambda: holds_in_flight_write(pair.primary_dir / "big", FILE_BYTES // 2), 30
-                )
-                assert arrived, "the write in flight never reached the primary's copy"
-                pair.crash(swap=True)
-        finally:
-            if writer is not None:
-                writer.kill()
-                writer.wait(timeout=60)
+        pair.crash_with_write_in_flight("big", FILE_BYTES // 2, in_flight, swap=True)
         pair.alone()
         changed = scatter(pair.primary_pid, pair.primary_mount / "big", FILE_BYTES, CHANGED,
                           4096, 3)  # fmt: skip

@@ -124,17 +124,7 @@ def test_a_write_in_flight_to_a_hard_linked_file_gets_a_full_comparison(tmp_path
         fill(pid, mount / "a", MIB)
         run_in_mount_ns(pid, ["ln", str(mount / "a"), str(mount / "b")])
         fill(pid, mount / "c", MIB)  # the link's names leave the log (acknowledged)
-        node1 = pair.primary_dir
-        writer = None
-        try:
-            with pair.frozen_secondary():
-                writer = start_write_in_flight(pid, mount / "a", 0, 4096)
-                assert wait_for(lambda: holds_in_flight_write(node1 / "b", 0), 20)
-                pair.crash(swap=True)
-        finally:
-            if writer is not None:
-                writer.kill()
-                writer.wait(timeout=60)
+        pair.crash_with_write_in_flight("a", 0, 4096, swap=True, seen_as="b")
         pair.alone()
         assert pair.primary is not None
         # node2 removes the name the write went through: no journal names "b" any more.
@@ -161,16 +151,7 @@ def test_a_primary_that_crashes_and_serves_again_sends_its_activity_log_places(
         pid, mount = pair.primary_pid, pair.primary_mount
         pair.connect("none")
         fill(pid, mount / "db", 32 * MIB)
-        writer = None
-        try:
-            with pair.frozen_secondary():
-                writer = start_write_in_flight(pid, mount / "db", 8 * MIB, MIB)
-                assert wait_for(lambda: holds_in_flight_write(pair.primary_dir / "db", 8 * MIB), 20)
-                pair.crash(swap=False, adopt_activity=True)
-        finally:
-            if writer is not None:
-                writer.kill()
-                writer.wait(timeout=60)
+        pair.crash_with_write_in_flight("db", 8 * MIB, MIB, swap=False, adopt_activity=True)
 
         assert pair.nodes == ("node1", "node2") and pair.ready.get("adopted", 0) > 0, pair.ready
         done = pair.connect("incremental")
