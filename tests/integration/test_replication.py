@@ -192,6 +192,16 @@ def test_after_both_nodes_lose_power_the_resync_is_incremental_and_loses_nothing
     primary = cluster.primary()
     assert primary is not None
     other = "node2" if primary == "node1" else "node1"
+    # Both came back on the same generation, so the secondary says it is in sync at once;
+    # the primary's resync (its new generation) is what gives the places back.
+    cluster.wait_until(
+        "the primary resynced its peer",
+        lambda: any(
+            e["reason"].startswith("resync done")
+            for e in cluster.events(primary, after=marks[primary])
+        ),
+        timeout=60,
+    )
     cluster.wait_in_sync(other)
     assert_all_acked_present(cluster, primary, writer)
     wait_nothing_pending(cluster, primary)
