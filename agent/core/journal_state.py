@@ -345,6 +345,11 @@ class JournalState:
             out.update(_op_keys(op))
         return out
 
+    def name_count(self, key: Key) -> int:
+        """How many names of the file at `key` this state knows (1 when it tracks none)."""
+        file = self._files.get(key)
+        return len(file.names) if file is not None else 1
+
     def compare_names(self) -> set[Key]:
         """What a resync compares by hashes after the replay: each Differs name, and every name
         of a namespace operation that touched one (at, above or below it: a rename may have

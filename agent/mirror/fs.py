@@ -306,7 +306,7 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
                 offset = os.fstat(fh).st_size
             if rel is None:  # unlinked while open, or excluded
                 return os.pwrite(fh, data, offset)
-            self._rep.intend(Write(self.root, rel, offset, data))
+            self._rep.intend(Write(self.root, rel, offset, data), os.fstat(fh).st_nlink)
             # Enqueued before the local write, so the peer works on its copy meanwhile; a
             # local write that falls short is mended on the peer in the same ordered step.
             for piece in split_write(self.root, rel, offset, data, handle.sync, FRAME_DATA):
@@ -350,7 +350,12 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
         ticket = 0
         with self._ordered():
             if mirrored:
-                self._rep.intend(Truncate(self.root, rel, length))  # type: ignore[arg-type]
+                links = (
+                    os.fstat(fh)
+                    if fh is not None
+                    else os.stat(rel or ".", dir_fd=self.dir_fd, follow_symlinks=False)
+                ).st_nlink
+                self._rep.intend(Truncate(self.root, rel, length), links)  # type: ignore[arg-type]
             if fh is not None:
                 os.ftruncate(fh, length)
             else:
@@ -376,7 +381,8 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
         ticket = 0
         with self._ordered():
             if mirrored:
-                self._rep.intend(Fallocate(self.root, rel, mode, offset, size))  # type: ignore[arg-type]
+                op = Fallocate(self.root, rel, mode, offset, size)  # type: ignore[arg-type]
+                self._rep.intend(op, os.fstat(fh).st_nlink)
             _check(_libc.fallocate(fh, mode, offset, size), "fallocate")
             if mirrored:
                 ticket = self._enqueue(Fallocate(self.root, rel, mode, offset, size))  # type: ignore[arg-type]

@@ -298,6 +298,27 @@ class Journal:
             self._state = state
             self._compact_locked()
 
+    def knows_names(self, root: int, path: str, links: int) -> bool:
+        """Whether the journal knows all `links` names of the file at `path`."""
+        with self._lock:
+            return self._state.name_count((root, path)) >= links
+
+    def distrust(self, reason: str) -> None:
+        """The next resync must compare everything (durably in the header when it can be:
+        otherwise the next record fails and the write with it)."""
+        with self._lock:
+            if not self._trusted:
+                return
+            while self._syncing:
+                self._cond.wait()
+            self._distrust(reason)
+            try:
+                os.pwrite(self._fd, struct.pack(">Q", self._flags()), 8)
+                os.fdatasync(self._fd)
+                self._flagged = True
+            except OSError:
+                self._flagged = False
+
     def compare_names(self) -> set[tuple[int, str]]:
         """What a resync compares by hashes after the replay (see JournalState.compare_names)."""
         with self._lock:

@@ -34,9 +34,10 @@ class Replicator(Protocol):
         lock: reusable, nothing allocated per mutation on the hot path)."""
         ...
 
-    def intend(self, op: Op) -> None:
+    def intend(self, op: Op, links: int = 1) -> None:
         """Before `op` changes this copy (inside ordered(), then `enqueue` it): what it may
-        change is recorded durably where a crash could leave it unknown to the peer."""
+        change is recorded durably where a crash could leave it unknown to the peer. `links`:
+        how many names the file has (a data change reaches all of them)."""
         ...
 
     def enqueue(self, op: Op) -> int:
@@ -62,7 +63,7 @@ class LocalReplicator:
     def ordered(self) -> AbstractContextManager[object]:
         return self._ordered
 
-    def intend(self, op: Op) -> None:
+    def intend(self, op: Op, links: int = 1) -> None:
         return None
 
     def enqueue(self, op: Op) -> int:

@@ -146,10 +146,20 @@ class MirrorReplicator:
     def ordered(self) -> AbstractContextManager[object]:
         return self._order
 
-    def intend(self, op: Op) -> None:
+    def intend(self, op: Op, links: int = 1) -> None:
         """While the peer may lack what this copy holds (mirroring, or holding writes), the
         activity log pins what `op` may change before it changes here. Alone, the journal
         covers it; stepped down, nothing changes."""
+        if (
+            links > 1
+            and self._state in (LinkState.ALONE, LinkState.HELD)
+            and not self.journal.knows_names(op.root, op.path, links)
+        ):
+            # Its other names are not in the journal (they existed before): an incremental
+            # resync would miss them once this name is gone. Hashes of everything will not.
+            self.journal.distrust(
+                f"{op.path} has {links} names and changed while the peer was away"
+            )
         activity = self.activity
         if activity is not None and self._state in (LinkState.CONNECTED, LinkState.HELD):
             activity.pin(activity_keys(op, activity.extent_size), self._acked)

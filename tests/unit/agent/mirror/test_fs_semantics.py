@@ -74,7 +74,7 @@ class Recorder:
             self._pinned = set()
             yield
 
-    def intend(self, op: Op) -> None:
+    def intend(self, op: Op, links: int = 1) -> None:
         self._pinned.update(activity_keys(op, EXTENT))
 
     def enqueue(self, op: Op) -> int:

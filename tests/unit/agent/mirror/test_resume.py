@@ -17,7 +17,9 @@ from tests.mirror_pair import (
     MirrorPair,
     assert_same_copies,
     fill,
+    holds_in_flight_write,
     run_in_mount_ns,
+    start_write_in_flight,
 )
 
 MIB = 1 << 20
@@ -114,3 +116,27 @@ def test_a_resync_cut_by_a_dead_link_also_resumes(tmp_path: Path) -> None:
             f"the resumed resync planned {done['total_bytes']} bytes for {left} that differed"
         )
         assert_same_copies(pair, ["a"])
+
+
+@pytest.mark.root
+def test_a_file_whose_other_names_the_journal_never_saw_gets_a_full_comparison(
+    tmp_path: Path,
+) -> None:
+    """A write alone through one name of a file linked before, then that name removed: the
+    journal knows no name left for those bytes, so the next resync compares everything."""
+    with MirrorPair(tmp_path / "pair", mode="sync") as pair:
+        pid, mount = pair.primary_pid, pair.primary_mount
+        pair.connect("none")
+        fill(pid, mount / "a", MIB)
+        run_in_mount_ns(pid, ["ln", str(mount / "a"), str(mount / "b")])
+        pair.alone()
+        writer = start_write_in_flight(pid, mount / "a", 4096, 4096)  # alone: it returns
+        assert writer.wait(timeout=30) == 0
+        run_in_mount_ns(pid, ["rm", str(mount / "a")])
+
+        done = pair.connect("incremental")
+
+        assert done["connected"]["resync"] == "full"
+        assert_same_copies(pair, ["b"])
+        assert holds_in_flight_write(pair.secondary_dir / "b", 4096)
+        assert not (pair.secondary_dir / "a").exists()
