@@ -311,13 +311,7 @@ class Journal:
                 return
             while self._syncing:
                 self._cond.wait()
-            self._distrust(reason)
-            try:
-                os.pwrite(self._fd, struct.pack(">Q", self._flags()), 8)
-                os.fdatasync(self._fd)
-                self._flagged = True
-            except OSError:
-                self._flagged = False
+            self._distrust_durably(reason)
 
     def compare_names(self) -> set[tuple[int, str]]:
         """What a resync compares by hashes after the replay (see JournalState.compare_names)."""
@@ -417,6 +411,11 @@ class Journal:
 
     def _fail(self, reason: str) -> None:
         """A record may not be durable: distrust the journal (durably if we can) and refuse."""
+        self._distrust_durably(reason)
+        raise JournalError(errno.EIO, f"the journal cannot record: {reason}")
+
+    def _distrust_durably(self, reason: str) -> None:
+        """Distrust, and say so in the header if the disk lets us (else records fail)."""
         self._distrust(reason)
         try:
             os.pwrite(self._fd, struct.pack(">Q", self._flags()), 8)
@@ -424,7 +423,6 @@ class Journal:
             self._flagged = True
         except OSError:
             self._flagged = False
-        raise JournalError(errno.EIO, f"the journal cannot record: {reason}")
 
     def _distrust(self, reason: str) -> None:
         self._trusted = False
