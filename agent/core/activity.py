@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from enum import IntEnum
+from typing import Any
 
 from agent.core.journal_state import (
     FALLOC_COLLAPSE_RANGE,
@@ -114,3 +115,37 @@ def moved_ranges(
     for op in namespace:
         state.record(op)
     return {key: list(spans) for key, spans in state.replay_plan().ranges.items() if spans}
+
+
+def given_back_entries(answer: dict[str, Any], roots: int) -> list[Entry]:
+    """The journal entries for the keys a returning peer sent (its answer to `activity`, for a
+    module of `roots` directories); ValueError saying what is wrong when its log cannot be
+    used, so the resync compares everything instead."""
+    if not answer.get("usable"):
+        raise ValueError(f"the peer's activity log is not usable: {answer.get('reason') or '?'}")
+    extent, raw = answer.get("extent"), answer.get("keys")
+    if not isinstance(extent, int) or extent < 4096 or not isinstance(raw, list):
+        raise ValueError("the peer's activity log answer is malformed (extent or keys)")
+    keys: list[ActivityKey] = []
+    for item in raw:
+        if not (
+            isinstance(item, list)
+            and len(item) == 4
+            and item[0] in tuple(Kind)
+            and isinstance(item[1], int)
+            and 0 <= item[1] < roots
+            and isinstance(item[2], str)
+            and _plain(item[2])
+            and isinstance(item[3], int)
+            and 0 <= item[3] * extent < OPEN_END
+        ):
+            raise ValueError(f"the peer's activity log holds a bad key: {item!r}")
+        keys.append((int(item[0]), item[1], item[2], item[3]))
+    return journal_entries(keys, extent)
+
+
+def _plain(path: str) -> bool:
+    """A path inside a replicated directory: relative, no '.', '..' or empty component."""
+    return (
+        bool(path) and "\0" not in path and all(p not in ("", ".", "..") for p in path.split("/"))
+    )

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.core import mirror_frames as mf
-from agent.core.activity import ActivityKey, Kind, journal_entries, moved_ranges
-from agent.core.journal_state import OPEN_END, Entry
+from agent.core.activity import Kind, given_back_entries, journal_entries, moved_ranges
+from agent.core.journal_state import Entry
 from agent.keys import load_key
 from agent.mirror import link, quarantine
 from agent.mirror.apply import Applier
@@ -227,7 +227,7 @@ class MirrorProcess:
                 self.event({"event": "connect_failed", "reason": str(exc)})
                 return
             try:
-                given_back += _activity_entries(answer, len(self.dirs))
+                given_back += given_back_entries(answer, len(self.dirs))
             except ValueError as exc:
                 self.event({"event": "activity_refused", "reason": str(exc)})
                 resync = "full"
@@ -568,32 +568,6 @@ class MirrorProcess:
         self.event({"event": "stopped"})
 
 
-def _activity_entries(answer: dict[str, Any], roots: int) -> list[Entry]:
-    """The journal entries for the keys a returning peer sent; ValueError (with the reason)
-    when its log cannot be used, so the resync compares everything instead."""
-    if not answer.get("usable"):
-        raise ValueError(f"the peer's activity log is not usable: {answer.get('reason') or '?'}")
-    extent, raw = answer.get("extent"), answer.get("keys")
-    if not isinstance(extent, int) or extent < 4096 or not isinstance(raw, list):
-        raise ValueError("the peer's activity log answer is malformed")
-    keys: list[ActivityKey] = []
-    for item in raw:
-        if not (
-            isinstance(item, list)
-            and len(item) == 4
-            and item[0] in tuple(Kind)
-            and isinstance(item[1], int)
-            and 0 <= item[1] < roots
-            and isinstance(item[2], str)
-            and _plain_path(item[2])
-            and isinstance(item[3], int)
-            and 0 <= item[3] * extent < OPEN_END
-        ):
-            raise ValueError(f"the peer's activity log holds a bad key: {item!r}")
-        keys.append((int(item[0]), item[1], item[2], item[3]))
-    return journal_entries(keys, extent)
-
-
 def _linked(root_fd: int, path: str) -> bool:
     """Whether the file at `path` under `root_fd` has more than one name."""
     try:
@@ -601,12 +575,6 @@ def _linked(root_fd: int, path: str) -> bool:
     except (OSError, ValueError):
         return False
     return st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode)
-
-
-def _plain_path(path: str) -> bool:
-    """A path inside a replicated directory: relative, no '.', '..' or empty component."""
-    parts = path.split("/")
-    return bool(path) and "\0" not in path and all(p not in ("", ".", "..") for p in parts)
 
 
 def _ensure_dir(path: Path) -> None:

@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.core import mirror_ops as mo
-from agent.core.activity import Kind, activity_keys, journal_entries, moved_ranges
+from agent.core.activity import (
+    Kind,
+    activity_keys,
+    given_back_entries,
+    journal_entries,
+    moved_ranges,
+)
 from agent.core.journal_state import OPEN_END, Differs, Dirty, Entry, JournalState, Touched
 from agent.core.ranges import RangeSet
 from tests.unit.agent.core.test_journal_state import Inode, Key, ModelFS, _draw_op
@@ -158,3 +165,33 @@ def test_a_shrink_in_flight_is_given_back_whole() -> None:
     _namespace, ranges, _metadata = state.replay_plan()
     # The new primary never got the shrink: everything it holds past byte 16 is sent back.
     assert list(ranges[(0, "f")]) == [(16, OPEN_END)]
+
+
+GOOD = {"type": "activity", "usable": True, "extent": 4096, "keys": [[1, 0, "db", 2]]}
+
+
+def test_a_returning_peers_keys_become_entries() -> None:
+    assert given_back_entries(GOOD, roots=1) == [Dirty(0, "db", 8192, 12288)]
+
+
+@pytest.mark.parametrize(
+    ("answer", "says"),
+    [
+        ({"usable": False, "reason": "written alone"}, "not usable: written alone"),
+        ({**GOOD, "extent": 12}, "malformed"),
+        ({**GOOD, "keys": "db"}, "malformed"),
+        ({**GOOD, "keys": [[9, 0, "db", 0]]}, "bad key"),  # no such kind
+        ({**GOOD, "keys": [[1, 1, "db", 0]]}, "bad key"),  # a directory the module lacks
+        ({**GOOD, "keys": [[1, -1, "db", 0]]}, "bad key"),
+        ({**GOOD, "keys": [[1, 0, "../etc/passwd", 0]]}, "bad key"),
+        ({**GOOD, "keys": [[1, 0, "/etc/passwd", 0]]}, "bad key"),
+        ({**GOOD, "keys": [[1, 0, "a//b", 0]]}, "bad key"),
+        ({**GOOD, "keys": [[1, 0, "db", 1 << 60]]}, "bad key"),  # past any file
+        ({**GOOD, "keys": [[1, 0, "db"]]}, "bad key"),
+    ],
+)
+def test_a_malformed_answer_is_refused_with_its_reason(
+    answer: dict[str, object], says: str
+) -> None:
+    with pytest.raises(ValueError, match=says):
+        given_back_entries(answer, roots=1)
