@@ -78,6 +78,11 @@ def bench_rounds() -> int:
     return _env_int("TANDEM_BENCH_ROUNDS", 3, 1, "3")
 
 
+def zero_loss_cycles() -> int:
+    """Faults the zero-loss benchmark makes (env BENCH_ZERO_LOSS_CYCLES, default 40)."""
+    return _env_int("BENCH_ZERO_LOSS_CYCLES", 40, 2, "40")
+
+
 def load_seconds() -> int:
     """How long the false-failover benchmark loads the machine (env BENCH_LOAD_SECONDS)."""
     return _env_int("BENCH_LOAD_SECONDS", DEFAULT_LOAD_SECONDS, 10, "600")
@@ -88,6 +93,7 @@ def pytest_configure(config: pytest.Config) -> None:
     bench_runs()
     bench_rounds()
     load_seconds()
+    zero_loss_cycles()
 
 
 @pytest.hookimpl(tryfirst=True)
