@@ -7,6 +7,12 @@ steps down: held and future waits fail with EIO, so nothing unmirrored is ever
 acknowledged). The agent drives HELD → ALONE or DOWN through the mirror
 process's control channel; the replicator never promotes itself to ALONE,
 because only the agent knows whether the witness still lets it serve.
+
+Threads: in sync mode an application's writer sends its own small op and reads its own
+ack from the stream, so no other thread stands between it and the wire (each hand-off
+costs a wake-up, about 50-130 µs on the virtual machines measured: BENCHMARKS.md §10);
+the sender thread sends large writes (the local write runs meanwhile), a resync's ops and
+everything in the other modes; the ack thread receives whatever no writer waits for.
 """
 
 from __future__ import annotations
@@ -48,6 +54,13 @@ SEND_BATCH_BYTES = 4 << 20
 COALESCE_SECONDS = 0.002
 COALESCE_BYTES = 256 << 10
 SEND_BATCH_FRAMES = 512
+# sync mode: a writer waiting for its ack reads it from the stream itself (waking a reader
+# thread and then being woken by it costs two wake-ups per write); the ack thread reads only
+# once no writer has waited for this long, so that an idle stream is still watched.
+SELF_READ_GRACE = 0.02
+# What the thread that enqueues a waited-for op sends itself (more goes to the sender thread,
+# so a large write's local pwrite runs while it is sent).
+INLINE_SEND_BYTES = 64 << 10
 
 
 class LinkState(StrEnum):
@@ -139,7 +152,11 @@ class MirrorReplicator:
         self.touched: set[tuple[int, str]] = set()  # paths live ops touched during a resync
         self._journal_ticket = 0
         self._last_ack_at = 0.0
-        self._sending = 0  # batches the sender thread is writing to the socket right now
+        self._sending = 0  # batches being written to the socket right now
+        self._wire = threading.Lock()  # held by whoever sends a batch: batches leave in order
+        self._reading: Stream | None = None  # the stream a thread is receiving from right now
+        self._self_readers = 0  # sync-mode writers waiting, who read their acks themselves
+        self._quiet_since = 0.0  # when the last of them stopped waiting
 
     # --- the Replicator protocol -------------------------------------------------------------
 
@@ -200,11 +217,38 @@ class MirrorReplicator:
                 op = Write(op.root, op.path, op.offset, bytes(op.data), op.sync)
             self._unacked[seq] = (op, time.monotonic())
             self._pending_bytes += payload_bytes(op)
-            if self._state is LinkState.CONNECTED:
-                # An fsync is waited for: it leaves at once, to run beside the local one.
-                self._urgent = self._urgent or durable(op)
-                self._push(op, payload_bytes(op))
-            return seq
+            if self._state is not LinkState.CONNECTED:
+                return seq
+            # An fsync is waited for: it leaves at once, to run beside the local one.
+            self._urgent = self._urgent or durable(op)
+            stream = self._stream
+            # sync mode: an application's writer waits for this op next, so it sends it
+            # itself (in the other modes, and for a resync's ops, the sender thread sends
+            # while the enqueuing thread goes on).
+            inline = (
+                live
+                and stream is not None
+                and self.mode == "sync"
+                and self._outbox_bytes + payload_bytes(op) <= INLINE_SEND_BYTES
+            )
+            self._push(op, payload_bytes(op), wake=not inline)
+        if inline and stream is not None:
+            self._send_inline(stream)
+        return seq
+
+    def _send_inline(self, stream: Stream) -> None:
+        """Send the outbox from the enqueuing thread: a small op waited for at once leaves
+        without waking the sender thread (a hand-off costs more than the send). If a batch is
+        being sent, the sender thread takes it after that one, in order."""
+        if self._wire.acquire(blocking=False):
+            try:
+                self._send_queued(stream)
+            finally:
+                self._wire.release()
+        else:
+            with self._cond:
+                if self._outbox:
+                    self._send_ready.notify()
 
     def enqueue_control(self, message: dict[str, Any]) -> int:
         """A control message in stream order (resync markers); its ticket can be waited on."""
@@ -216,16 +260,17 @@ class MirrorReplicator:
             self._push(message, 0)
             return self._seq
 
-    def _push(self, item: Op | dict[str, Any], size: int) -> None:
+    def _push(self, item: Op | dict[str, Any], size: int, wake: bool = True) -> None:
         """Queue for the sender (with the lock held), waking it only when it has work now: in
         sync mode always; in flush and async mode when the batch is due (COALESCE_BYTES,
-        COALESCE_SECONDS, or someone waits), so a burst of small writes leaves in one sendmsg."""
+        COALESCE_SECONDS, or someone waits), so a burst of small writes leaves in one sendmsg.
+        `wake` False: the caller sends the outbox itself."""
         first = not self._outbox
         self._outbox.append(item)
         self._outbox_bytes += size
         if first:
             self._outbox_since = time.monotonic()
-        if first or self._due():
+        if wake and (first or self._due()):
             self._send_ready.notify()
 
     def _due(self) -> bool:
@@ -265,15 +310,32 @@ class MirrorReplicator:
         if self.mode == "async" and point is WaitPoint.WRITE:
             self._wait_for_room()
             return
+        reads = self.mode == "sync"
         with self._cond:
             self._hurry()
+            self._self_readers += reads
             try:
                 while self._acked < ticket:
                     if self._state is LinkState.DOWN:
                         raise OSError(errno.EIO, STEPPED_DOWN)
+                    stream = self._stream
+                    if reads and stream is not None and self._reading is not stream:
+                        # No one is receiving: this writer does, so the ack wakes it directly.
+                        # A silent peer is caught by the sender thread's overdue check, which
+                        # closes the stream and so ends this receive.
+                        self._reading = stream
+                        self._cond.release()
+                        try:
+                            self._read_frame(stream)
+                        finally:
+                            self._cond.acquire()
+                        continue
                     self._cond.wait(0.5)
                     self._check_overdue()
             finally:
+                self._self_readers -= reads
+                if reads and not self._self_readers:
+                    self._quiet_since = time.monotonic()
                 # Released without the peer's ack (alone, stepped down): the sender may still be
                 # writing this op, whose data the FUSE request lends until it returns.
                 while self._sending and self._state is not LinkState.CONNECTED:
@@ -372,10 +434,19 @@ class MirrorReplicator:
 
     def go_alone(self, reason: str) -> None:
         """The agent serves without the peer: journal every held op, then release their waits."""
+        self._end_stream()
         with self._order:
             if self.activity is not None:
                 self.activity.mark_alone()  # before any write is made without it
             self._go_alone(reason)
+
+    def _end_stream(self) -> None:
+        """Close the stream before taking ordered(): a sync writer sending its own op holds
+        that lock, and a peer that stopped reading would keep it blocked there. Both callers
+        drop the stream anyway; the writer's send fails and its op is journalled or failed
+        with the others."""
+        with self._cond:
+            self._drop_stream()
 
     def _go_alone(self, reason: str) -> None:
         with self._cond:
@@ -393,6 +464,7 @@ class MirrorReplicator:
 
     def step_down(self, reason: str) -> None:
         """The agent must not serve: held waits fail, nothing unmirrored is acknowledged."""
+        self._end_stream()
         with self._order:
             if self.activity is not None:
                 # Changes still made here (they fail only when waited for) are not pinned.
@@ -454,46 +526,93 @@ class MirrorReplicator:
                         self._check_overdue()
                 if self._stream is not stream:
                     return
-                # Everything queued goes in one sendmsg (up to a bound): a burst of small
-                # writes costs one system call and one wake-up here, not one each.
-                batch: list[tuple[mf.FrameKind, Sequence[Buffer]]] = []
-                size = 0
-                while self._outbox and size < SEND_BATCH_BYTES and len(batch) < SEND_BATCH_FRAMES:
-                    item = self._outbox.popleft()
-                    if isinstance(item, dict):
-                        batch.append((mf.FrameKind.CONTROL, [mf.encode_json(item)]))
-                    else:
-                        batch.append((mf.FrameKind.OP, encode_op_parts(item)))
-                        size += payload_bytes(item)
-                self._outbox_bytes -= size
-                if not self._outbox:
-                    self._urgent = False
-                self._sending += 1
-            try:
-                stream.send_frames(batch)
-            except (LinkClosed, ValueError) as exc:  # ValueError: a frame over the size limit
-                self._lost(stream, str(exc))
-                return
-            finally:
-                with self._cond:
-                    self._sending -= 1
-                    self._sent_payload += size
+            with self._wire:
+                if not self._send_queued(stream):
+                    return
+
+    def _send_queued(self, stream: Stream) -> bool:
+        """Send what the outbox holds, in one sendmsg up to a bound (the caller holds _wire,
+        so batches leave in order); False once `stream` is no longer the one in use."""
+        with self._cond:
+            if self._stream is not stream:
+                return False
+            if not self._outbox:
+                return True  # an enqueuing thread sent it already
+            # A burst of small writes costs one system call and one wake-up, not one each.
+            batch: list[tuple[mf.FrameKind, Sequence[Buffer]]] = []
+            size = 0
+            while self._outbox and size < SEND_BATCH_BYTES and len(batch) < SEND_BATCH_FRAMES:
+                item = self._outbox.popleft()
+                if isinstance(item, dict):
+                    batch.append((mf.FrameKind.CONTROL, [mf.encode_json(item)]))
+                else:
+                    batch.append((mf.FrameKind.OP, encode_op_parts(item)))
+                    size += payload_bytes(item)
+            self._outbox_bytes -= size
+            if not self._outbox:
+                self._urgent = False
+            self._sending += 1
+        try:
+            stream.send_frames(batch)
+        except (LinkClosed, ValueError) as exc:  # ValueError: a frame over the size limit
+            self._lost(stream, str(exc))
+            return False
+        finally:
+            with self._cond:
+                self._sending -= 1
+                self._sent_payload += size
+                if self._state is not LinkState.CONNECTED:
+                    # Only a waiter released without its ack waits for this (see wait());
+                    # waking every writer after each send would cost each a wake-up.
                     self._cond.notify_all()
+        return True
 
     def _ack_loop(self, stream: Stream) -> None:
-        try:
-            while True:
-                header, payload = stream.receive()
-                if header.kind in (mf.FrameKind.CONTROL, mf.FrameKind.MANIFEST):
-                    self.incoming.put((header.kind, bytes(payload)))
-                    continue
-                body = mf.decode_json(payload)
-                if header.kind is mf.FrameKind.ERROR:
-                    self._lost(stream, f"the peer refused an operation: {body.get('reason', '?')}")
+        """Receives what no writer is waiting to receive itself: acks in flush and async modes,
+        answers to control messages, and an idle stream's end."""
+        while True:
+            with self._cond:
+                while self._stream is stream and not self._ack_thread_reads(stream):
+                    self._cond.wait(SELF_READ_GRACE)
+                if self._stream is not stream:
                     return
-                self._acknowledge(self._base + int(body["n"]))
+                self._reading = stream
+            if not self._read_frame(stream):
+                return
+
+    def _ack_thread_reads(self, stream: Stream) -> bool:
+        """Whether the ack thread receives the next frame (lock held)."""
+        if self._reading is stream:
+            return False
+        if self.mode != "sync" or self.resync_active:
+            return True
+        if self._self_readers:
+            return False
+        return time.monotonic() - self._quiet_since >= SELF_READ_GRACE
+
+    def _read_frame(self, stream: Stream) -> bool:
+        """Receive and handle one frame; the caller took the reading role, given back here.
+        False once the stream is lost."""
+        try:
+            header, payload = stream.receive()
+            if header.kind in (mf.FrameKind.CONTROL, mf.FrameKind.MANIFEST):
+                self.incoming.put((header.kind, bytes(payload)))
+                return True
+            body = mf.decode_json(payload)
+            if header.kind is mf.FrameKind.ERROR:
+                self._lost(stream, f"the peer refused an operation: {body.get('reason', '?')}")
+                return False
+            self._acknowledge(self._base + int(body["n"]))
+            return True
         except (LinkClosed, mf.StreamError, KeyError, ValueError) as exc:
             self._lost(stream, str(exc))
+            return False
+        finally:
+            with self._cond:
+                if self._reading is stream:
+                    self._reading = None
+                if self._self_readers:
+                    self._cond.notify_all()  # one of them receives next
 
     def _acknowledge(self, seq: int) -> None:
         now = time.monotonic()

@@ -183,3 +183,28 @@ def test_an_overdue_ack_holds_writes_and_tells_the_agent(tmp_path: Path) -> None
         pair.replicator.go_alone("ack timeout")
         held.join(10)
         assert not held.is_alive()
+
+
+def test_going_alone_is_prompt_while_a_writer_is_blocked_sending_to_a_stalled_peer(
+    sync_pair: Pair,
+) -> None:
+    # In sync mode a writer sends its own small op while it holds the file system's order
+    # lock; once the stalled peer's socket buffers are full, that send blocks. The agent's
+    # decision to go alone must not wait for the ack timeout (30 s here) to free it.
+    write(sync_pair, Create(0, "f", 0o644, 0, 0)).join(10)
+    sync_pair.gate.clear()
+    size = 60 << 10
+    writers = [
+        write(sync_pair, Write(0, "f", n * size, bytes([n % 251]) * size)) for n in range(300)
+    ]
+    assert not wait_for(lambda: not any(w.is_alive() for w in writers), 2), "held by the peer"
+    decided = threading.Thread(target=sync_pair.replicator.go_alone, args=("peer lost",))
+    decided.start()
+    decided.join(10)
+    assert not decided.is_alive(), "go_alone waited for a writer blocked on the stalled peer"
+    for w in writers:
+        w.join(10)
+    assert not any(w.is_alive() for w in writers)
+    assert not [e for e in sync_pair.events if e["event"] == "app_error"]
+    plan = sync_pair.replicator.journal.plan()
+    assert list(plan.ranges[(0, "f")]) == [(0, 300 * size)], "every held write is journalled"
