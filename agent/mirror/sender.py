@@ -321,7 +321,7 @@ class MirrorReplicator:
                     stream = self._stream
                     if reads and stream is not None and self._reading is not stream:
                         # No one is receiving: this writer does, so the ack wakes it directly.
-                        # A silent peer is caught by the sender thread's overdue check, which
+                        # A silent peer is caught by the ack thread's overdue check, which
                         # closes the stream and so ends this receive.
                         self._reading = stream
                         self._cond.release()
@@ -367,8 +367,8 @@ class MirrorReplicator:
         # Called with _cond held: acks that stop coming while the TCP link looks alive still
         # end the wait. Counted from the last ack (or the oldest op, if later): a long queue
         # draining over a slow link is progress, not a dead peer.
-        if self._state is not LinkState.CONNECTED or not self._unacked:
-            return
+        if self._state is not LinkState.CONNECTED or not self._unacked or self._stream is None:
+            return  # (no stream: go_alone or step_down is ending it)
         silent = min(self._oldest_age(), time.monotonic() - self._last_ack_at)
         if silent > self._ack_deadline:
             self._lost_locked(f"no acknowledgement from the peer for {self._ack_deadline:g} s")
@@ -574,6 +574,9 @@ class MirrorReplicator:
             with self._cond:
                 while self._stream is stream and not self._ack_thread_reads(stream):
                     self._cond.wait(SELF_READ_GRACE)
+                    # A writer reading its own ack waits in receive() without a timeout, and
+                    # the sender thread may be blocked sending: acks overdue are caught here.
+                    self._check_overdue()
                 if self._stream is not stream:
                     return
                 self._reading = stream
@@ -596,15 +599,19 @@ class MirrorReplicator:
         try:
             header, payload = stream.receive()
             if header.kind in (mf.FrameKind.CONTROL, mf.FrameKind.MANIFEST):
-                self.incoming.put((header.kind, bytes(payload)))
+                with self._cond:
+                    if self._stream is stream:  # not into a newer session's queue
+                        self.incoming.put((header.kind, bytes(payload)))
                 return True
             body = mf.decode_json(payload)
             if header.kind is mf.FrameKind.ERROR:
                 self._lost(stream, f"the peer refused an operation: {body.get('reason', '?')}")
                 return False
-            self._acknowledge(self._base + int(body["n"]))
+            self._acknowledge(stream, int(body["n"]))
             return True
-        except (LinkClosed, mf.StreamError, KeyError, ValueError) as exc:
+        except (LinkClosed, mf.StreamError, KeyError, ValueError, TypeError) as exc:
+            # TypeError: an ack whose count is not a number; read by a writer, it must end
+            # the stream, not the application's request.
             self._lost(stream, str(exc))
             return False
         finally:
@@ -614,9 +621,14 @@ class MirrorReplicator:
                 if self._self_readers:
                     self._cond.notify_all()  # one of them receives next
 
-    def _acknowledge(self, seq: int) -> None:
+    def _acknowledge(self, stream: Stream, n: int) -> None:
+        """The peer applied the first `n` ops `stream` carried (an ack read from a stream
+        already replaced says nothing of the new one's ops)."""
         now = time.monotonic()
         with self._cond:
+            if self._stream is not stream:
+                return
+            seq = self._base + n
             self._last_ack_at = now
             while self._unacked:
                 first = next(iter(self._unacked))

@@ -208,3 +208,28 @@ def test_going_alone_is_prompt_while_a_writer_is_blocked_sending_to_a_stalled_pe
     assert not [e for e in sync_pair.events if e["event"] == "app_error"]
     plan = sync_pair.replicator.journal.plan()
     assert list(plan.ranges[(0, "f")]) == [(0, 300 * size)], "every held write is journalled"
+
+
+def test_an_overdue_ack_is_caught_while_the_one_writer_reads_and_the_sender_is_blocked(
+    tmp_path: Path,
+) -> None:
+    # One writer, its large write sent by the sender thread, which blocks once the stalled
+    # peer's buffers are full; the writer itself waits in receive() for its ack. Neither
+    # checks for an overdue ack, so the ack thread must, or the write hangs for good.
+    with start_pair(tmp_path, "sync", ack_timeout=0.5) as pair:
+        write(pair, Create(0, "f", 0o644, 0, 0)).join(10)
+        pair.gate.clear()
+        with pair.replicator.ordered():  # stalls the peer's receiver; no one waits for it
+            pair.replicator.enqueue(Write(0, "f", 0, b"first"))
+        held = write(pair, Write(0, "f", 0, b"z" * (16 << 20)))
+        assert wait_for(
+            lambda: any(
+                e["event"] == "link_lost" and "acknowledgement" in e["reason"] for e in pair.events
+            ),
+            10,
+        ), "the stalled peer was never noticed"
+        assert pair.replicator.state is LinkState.HELD
+        pair.replicator.go_alone("ack timeout")
+        held.join(10)
+        assert not held.is_alive()
+        assert not [e for e in pair.events if e["event"] == "app_error"]
