@@ -8,11 +8,8 @@ acknowledged). The agent drives HELD → ALONE or DOWN through the mirror
 process's control channel; the replicator never promotes itself to ALONE,
 because only the agent knows whether the witness still lets it serve.
 
-Threads: in sync mode an application's writer sends its own small op and reads its own
-ack from the stream, so no other thread stands between it and the wire (each hand-off
-costs a wake-up, about 50-130 µs on the virtual machines measured: BENCHMARKS.md §10);
-the sender thread sends large writes (the local write runs meanwhile), a resync's ops and
-everything in the other modes; the ack thread receives whatever no writer waits for.
+Which thread sends and which receives is decided in agent.core.stream_roles: in sync mode
+an application's writer sends its own small op and receives its own ack.
 """
 
 from __future__ import annotations
@@ -27,7 +24,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any
 
 from agent.core import mirror_frames as mf
 from agent.core.activity import activity_keys
@@ -41,26 +38,22 @@ from agent.core.mirror_ops import (
     paths_of,
     payload_bytes,
 )
+from agent.core.stream_roles import (
+    COALESCE_SECONDS,
+    SELF_READ_GRACE,
+    Mode,
+    ack_thread_receives,
+    batch_due,
+    sends_itself,
+    writer_receives,
+)
 from agent.mirror.journal import ActivityLog, Journal, JournalError
 from agent.mirror.link import LinkClosed, Stream
 from agent.mirror.replicator import WaitPoint
 
-Mode = Literal["sync", "flush", "async"]
-
 STEPPED_DOWN = "the node stepped down; this write is not mirrored"
 SEND_BATCH_BYTES = 4 << 20
-# flush and async modes: small writes wait this long (or until this much is queued, or an
-# fsync/close waits) to leave together; sync mode sends each at once.
-COALESCE_SECONDS = 0.002
-COALESCE_BYTES = 256 << 10
 SEND_BATCH_FRAMES = 512
-# sync mode: a writer waiting for its ack reads it from the stream itself (waking a reader
-# thread and then being woken by it costs two wake-ups per write); the ack thread reads only
-# once no writer has waited for this long, so that an idle stream is still watched.
-SELF_READ_GRACE = 0.02
-# What the thread that enqueues a waited-for op sends itself (more goes to the sender thread,
-# so a large write's local pwrite runs while it is sent).
-INLINE_SEND_BYTES = 64 << 10
 
 
 class LinkState(StrEnum):
@@ -222,14 +215,8 @@ class MirrorReplicator:
             # An fsync is waited for: it leaves at once, to run beside the local one.
             self._urgent = self._urgent or durable(op)
             stream = self._stream
-            # sync mode: an application's writer waits for this op next, so it sends it
-            # itself (in the other modes, and for a resync's ops, the sender thread sends
-            # while the enqueuing thread goes on).
-            inline = (
-                live
-                and stream is not None
-                and self.mode == "sync"
-                and self._outbox_bytes + payload_bytes(op) <= INLINE_SEND_BYTES
+            inline = stream is not None and sends_itself(
+                self.mode, live, self._outbox_bytes + payload_bytes(op)
             )
             self._push(op, payload_bytes(op), wake=not inline)
         if inline and stream is not None:
@@ -261,10 +248,9 @@ class MirrorReplicator:
             return self._seq
 
     def _push(self, item: Op | dict[str, Any], size: int, wake: bool = True) -> None:
-        """Queue for the sender (with the lock held), waking it only when it has work now: in
-        sync mode always; in flush and async mode when the batch is due (COALESCE_BYTES,
-        COALESCE_SECONDS, or someone waits), so a burst of small writes leaves in one sendmsg.
-        `wake` False: the caller sends the outbox itself."""
+        """Queue for the sender (with the lock held), waking it only when the batch is due, so
+        a burst of small writes leaves in one sendmsg. `wake` False: the caller sends the
+        outbox itself."""
         first = not self._outbox
         self._outbox.append(item)
         self._outbox_bytes += size
@@ -274,13 +260,9 @@ class MirrorReplicator:
             self._send_ready.notify()
 
     def _due(self) -> bool:
-        """The queued ops leave now (lock held): in sync mode always; in flush and async mode
-        once they are old or large enough, or someone waits for them."""
-        return (
-            self.mode == "sync"
-            or self._urgent
-            or self._outbox_bytes >= COALESCE_BYTES
-            or time.monotonic() - self._outbox_since >= COALESCE_SECONDS
+        """The queued ops leave now (lock held)."""
+        return batch_due(
+            self.mode, self._urgent, self._outbox_bytes, time.monotonic() - self._outbox_since
         )
 
     def _hurry(self) -> None:
@@ -310,10 +292,11 @@ class MirrorReplicator:
         if self.mode == "async" and point is WaitPoint.WRITE:
             self._wait_for_room()
             return
-        reads = self.mode == "sync"
+        reads = writer_receives(self.mode)
         with self._cond:
             self._hurry()
-            self._self_readers += reads
+            if reads:
+                self._self_readers += 1
             try:
                 while self._acked < ticket:
                     if self._state is LinkState.DOWN:
@@ -333,9 +316,10 @@ class MirrorReplicator:
                     self._cond.wait(0.5)
                     self._check_overdue()
             finally:
-                self._self_readers -= reads
-                if reads and not self._self_readers:
-                    self._quiet_since = time.monotonic()
+                if reads:
+                    self._self_readers -= 1
+                    if not self._self_readers:
+                        self._quiet_since = time.monotonic()
                 # Released without the peer's ack (alone, stepped down): the sender may still be
                 # writing this op, whose data the FUSE request lends until it returns.
                 while self._sending and self._state is not LinkState.CONNECTED:
@@ -585,13 +569,13 @@ class MirrorReplicator:
 
     def _ack_thread_reads(self, stream: Stream) -> bool:
         """Whether the ack thread receives the next frame (lock held)."""
-        if self._reading is stream:
-            return False
-        if self.mode != "sync" or self.resync_active:
-            return True
-        if self._self_readers:
-            return False
-        return time.monotonic() - self._quiet_since >= SELF_READ_GRACE
+        return ack_thread_receives(
+            self.mode,
+            self.resync_active,
+            self._reading is stream,
+            self._self_readers,
+            time.monotonic() - self._quiet_since,
+        )
 
     def _read_frame(self, stream: Stream) -> bool:
         """Receive and handle one frame; the caller took the reading role, given back here.

@@ -56,9 +56,9 @@ def test_records_written_on_the_primary_are_on_the_secondary(lab: Lab, cluster: 
 def test_no_acknowledged_record_is_lost_through_power_losses_and_agent_kills(
     lab: Lab, cluster: Cluster
 ) -> None:
-    # run_cycles checks every acknowledged record after each fault and the copies after each
-    # resync; a cycle that could not finish raises before it is counted.
-    assert len(run_cycles(lab, cluster, CYCLES)) == CYCLES
+    # The checks are run_cycles' own: every acknowledged record on the node that took over
+    # after each fault, an incremental resync for each return, identical copies after it.
+    run_cycles(lab, cluster, CYCLES)
 
 
 def test_after_both_nodes_lose_power_the_resync_is_incremental_and_loses_nothing(

@@ -1,0 +1,63 @@
+"""Who sends and who receives on a primary's replication stream, and when. Pure: no I/O.
+
+Every hand-off between threads costs a wake-up (50-130 µs on the virtual machines measured,
+BENCHMARKS.md §10). In `sync` mode the application's writer waits for each op's ack right
+after queueing it, so it sends its own small op and receives its own ack: no thread stands
+between it and the wire. The sender thread sends the rest (large writes, so the local write
+runs meanwhile; a resync's ops; every op in `flush` and `async` mode, batched), and the ack
+thread receives what no writer waits for.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Mode = Literal["sync", "flush", "async"]
+
+# flush and async modes: small writes wait this long (or until this much is queued, or an
+# fsync/close waits) to leave together; sync mode sends each at once.
+COALESCE_SECONDS = 0.002
+COALESCE_BYTES = 256 << 10
+# The most a writer sends itself (a larger write goes to the sender thread, so that its local
+# pwrite runs while it is sent).
+INLINE_SEND_BYTES = 64 << 10
+# The ack thread leaves the stream to sync writers until none has waited for this long, so
+# that an idle stream is still watched (its end, a peer's answer).
+SELF_READ_GRACE = 0.02
+
+
+def batch_due(mode: Mode, urgent: bool, queued_bytes: int, queued_for: float) -> bool:
+    """Whether the queued ops leave now: in sync mode always; in flush and async mode once
+    someone waits for them (`urgent`) or they are large or old enough."""
+    return (
+        mode == "sync" or urgent or queued_bytes >= COALESCE_BYTES or queued_for >= COALESCE_SECONDS
+    )
+
+
+def sends_itself(mode: Mode, live: bool, queued_bytes: int) -> bool:
+    """Whether the thread that just queued an op sends the queue itself (`queued_bytes`
+    includes the op): an application's writer in sync mode, while what is queued is small."""
+    return live and mode == "sync" and queued_bytes <= INLINE_SEND_BYTES
+
+
+def writer_receives(mode: Mode) -> bool:
+    """Whether a writer waiting for its ack receives it from the stream itself."""
+    return mode == "sync"
+
+
+def ack_thread_receives(
+    mode: Mode,
+    resyncing: bool,
+    someone_receiving: bool,
+    writers_waiting: int,
+    quiet_for: float,
+) -> bool:
+    """Whether the ack thread receives the next frame. Not while another thread does; always
+    in flush and async mode (writers do not wait for each op there) and during a resync (its
+    answers are waited for on a queue); in sync mode only once no writer has waited for
+    SELF_READ_GRACE seconds (`quiet_for`)."""
+    if someone_receiving:
+        return False
+    if not writer_receives(mode) or resyncing:
+        return True
+    return writers_waiting == 0 and quiet_for >= SELF_READ_GRACE
