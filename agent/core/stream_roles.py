@@ -2,10 +2,12 @@
 
 Every hand-off between threads costs a wake-up (50-130 µs on the virtual machines measured,
 BENCHMARKS.md §10). In `sync` mode the application's writer waits for each op's ack right
-after queueing it, so it sends its own small op and receives its own ack: no thread stands
-between it and the wire. The sender thread sends the rest (large writes, so the local write
-runs meanwhile; a resync's ops; every op in `flush` and `async` mode, batched), and the ack
-thread receives what no writer waits for.
+after queueing it, so it sends its own op and receives its own ack: no thread stands between
+it and the wire. A large write too: its local pwrite then runs while the peer applies the
+last frames, and that overlap is worth less than the sender thread's wake-up (+14% for
+sequential 1 MiB writes, BENCHMARKS.md §11). The sender thread sends the rest (a backlog
+queued by others, such as a resync's ops; every op in `flush` and `async` mode, batched), and
+the ack thread receives what no writer waits for.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ Mode = Literal["sync", "flush", "async"]
 # fsync/close waits) to leave together; sync mode sends each at once.
 COALESCE_SECONDS = 0.002
 COALESCE_BYTES = 256 << 10
-# The most a writer sends itself (a larger write goes to the sender thread, so that its local
-# pwrite runs while it is sent).
-INLINE_SEND_BYTES = 64 << 10
+# The most a writer sends itself: above any one application write (FUSE passes at most 1 MiB),
+# so a writer leaves only a backlog others queued (a resync's batches) to the sender thread.
+INLINE_SEND_BYTES = 2 << 20
 # The ack thread leaves the stream to sync writers until none has waited for this long, so
 # that an idle stream is still watched (its end, a peer's answer).
 SELF_READ_GRACE = 0.02
@@ -36,7 +38,7 @@ def batch_due(mode: Mode, urgent: bool, queued_bytes: int, queued_for: float) ->
 
 def sends_itself(mode: Mode, live: bool, queued_bytes: int) -> bool:
     """Whether the thread that just queued an op sends the queue itself (`queued_bytes`
-    includes the op): an application's writer in sync mode, while what is queued is small."""
+    includes the op): an application's writer in sync mode, unless others queued a backlog."""
     return live and mode == "sync" and queued_bytes <= INLINE_SEND_BYTES
 
 

@@ -56,6 +56,7 @@ from agent.mirror.replicator import Replicator, WaitPoint
 
 CHUNK = 1 << 20  # a tree sent whole travels in writes of at most this size
 FRAME_DATA = 256 << 10  # an application's write travels in frames of at most this much data
+MAX_WRITE = 1 << 20  # the most the kernel passes in one write request (fewer acks to wait for)
 RENAME_EXCHANGE = 2
 FUSE_CAP_WRITEBACK_CACHE = 1 << 16
 # libfuse hands UTIME_NOW / UTIME_OMIT through as tv_nsec with tv_sec 0; use_ns sums them.
@@ -679,7 +680,7 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
             config.use_ino = 1  # st_ino passes through: hard links look like hard links
             config.hard_remove = 1  # unlink really unlinks (no .fuse_hidden files to mirror)
         if conn is not None:
-            conn.max_write = 1 << 20
+            conn.max_write = MAX_WRITE
             # In sync mode write() must not return before the peer has the bytes.
             conn.want &= ~FUSE_CAP_WRITEBACK_CACHE
         self.initialised.set()

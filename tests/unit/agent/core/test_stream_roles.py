@@ -37,8 +37,8 @@ def test_a_writer_sends_itself_only_small_live_ops_in_sync_mode(
     assert sends_itself(mode, live, queued) is expected
 
 
-def test_a_large_write_goes_to_the_sender_thread_so_the_local_write_overlaps_it() -> None:
-    assert not sends_itself("sync", True, 256 << 10)  # one frame of a 1 MiB write
+def test_a_backlog_others_queued_goes_to_the_sender_thread() -> None:
+    assert not sends_itself("sync", True, 4 << 20)  # e.g. a resync's batch ahead of the op
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -15,8 +15,10 @@ from typing import Any
 import pytest
 
 from agent.core.mirror_ops import Create, Fsync, Write
+from agent.core.stream_roles import sends_itself
 from agent.mirror import link
 from agent.mirror.apply import Applier
+from agent.mirror.fs import MAX_WRITE
 from agent.mirror.journal import Journal
 from agent.mirror.receiver import Receiver
 from agent.mirror.replicator import WaitPoint
@@ -112,6 +114,11 @@ def write(pair: Pair, op: Any, point: WaitPoint = WaitPoint.WRITE) -> threading.
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
+
+
+def test_a_sync_writer_sends_even_the_largest_write_fuse_passes_itself() -> None:
+    # A hand-off to the sender thread cost more than the local write it let overlap.
+    assert sends_itself("sync", True, MAX_WRITE)
 
 
 def test_sync_mode_returns_only_once_the_secondary_applied_the_write(sync_pair: Pair) -> None:
