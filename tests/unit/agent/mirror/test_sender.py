@@ -192,17 +192,18 @@ def test_an_overdue_ack_holds_writes_and_tells_the_agent(tmp_path: Path) -> None
         assert not held.is_alive()
 
 
+@pytest.mark.parametrize(("size", "count"), [(60 << 10, 300), (MAX_WRITE, 32)])
 def test_going_alone_is_prompt_while_a_writer_is_blocked_sending_to_a_stalled_peer(
-    sync_pair: Pair,
+    sync_pair: Pair, size: int, count: int
 ) -> None:
-    # In sync mode a writer sends its own small op while it holds the file system's order
-    # lock; once the stalled peer's socket buffers are full, that send blocks. The agent's
-    # decision to go alone must not wait for the ack timeout (30 s here) to free it.
+    # In sync mode a writer sends its own op (small, or as large as FUSE passes) while it
+    # holds the file system's order lock; once the stalled peer's socket buffers are full,
+    # that send blocks. The agent's decision to go alone must not wait for the ack timeout
+    # (30 s here) to free it.
     write(sync_pair, Create(0, "f", 0o644, 0, 0)).join(10)
     sync_pair.gate.clear()
-    size = 60 << 10
     writers = [
-        write(sync_pair, Write(0, "f", n * size, bytes([n % 251]) * size)) for n in range(300)
+        write(sync_pair, Write(0, "f", n * size, bytes([n % 251]) * size)) for n in range(count)
     ]
     assert not wait_for(lambda: not any(w.is_alive() for w in writers), 2), "held by the peer"
     decided = threading.Thread(target=sync_pair.replicator.go_alone, args=("peer lost",))
@@ -214,15 +215,15 @@ def test_going_alone_is_prompt_while_a_writer_is_blocked_sending_to_a_stalled_pe
     assert not any(w.is_alive() for w in writers)
     assert not [e for e in sync_pair.events if e["event"] == "app_error"]
     plan = sync_pair.replicator.journal.plan()
-    assert list(plan.ranges[(0, "f")]) == [(0, 300 * size)], "every held write is journalled"
+    assert list(plan.ranges[(0, "f")]) == [(0, count * size)], "every held write is journalled"
 
 
 def test_an_overdue_ack_is_caught_while_the_one_writer_reads_and_the_sender_is_blocked(
     tmp_path: Path,
 ) -> None:
-    # One writer, its large write sent by the sender thread, which blocks once the stalled
-    # peer's buffers are full; the writer itself waits in receive() for its ack. Neither
-    # checks for an overdue ack, so the ack thread must, or the write hangs for good.
+    # One writer, its write (larger than FUSE passes) sent by the sender thread, which blocks
+    # once the stalled peer's buffers are full; the writer itself waits in receive() for its
+    # ack. Neither checks for an overdue ack, so the ack thread must, or the write hangs.
     with start_pair(tmp_path, "sync", ack_timeout=0.5) as pair:
         write(pair, Create(0, "f", 0o644, 0, 0)).join(10)
         pair.gate.clear()
