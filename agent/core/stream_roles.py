@@ -4,7 +4,7 @@ Every hand-off between threads costs a wake-up (50-130 µs on the virtual machin
 BENCHMARKS.md §10). In `sync` mode the application's writer waits for each op's ack right
 after queueing it, so it sends its own op and receives its own ack: no thread stands between
 it and the wire. A large write too: its local pwrite then runs while the peer applies the
-last frames, and that overlap is worth less than the sender thread's wake-up (+14% for
+last frames, and that overlap is worth less than the sender thread's wake-up (+11-14% for
 sequential 1 MiB writes, BENCHMARKS.md §11). The sender thread sends the rest (a backlog
 queued by others, such as a resync's ops; every op in `flush` and `async` mode, batched), and
 the ack thread receives what no writer waits for.
@@ -20,8 +20,10 @@ Mode = Literal["sync", "flush", "async"]
 # fsync/close waits) to leave together; sync mode sends each at once.
 COALESCE_SECONDS = 0.002
 COALESCE_BYTES = 256 << 10
-# The most a writer sends itself: above any one application write (FUSE passes at most 1 MiB),
-# so a writer leaves only a backlog others queued (a resync's batches) to the sender thread.
+# The most a writer sends itself, counting what is queued with its op (its write goes in frames,
+# each sent as it is queued): above any one application write (FUSE passes at most 1 MiB), so
+# a writer sends every frame of its own, and leaves a larger backlog (a resync's batches,
+# queued by others) to the sender thread.
 INLINE_SEND_BYTES = 2 << 20
 # The ack thread leaves the stream to sync writers until none has waited for this long, so
 # that an idle stream is still watched (its end, a peer's answer).
@@ -38,7 +40,7 @@ def batch_due(mode: Mode, urgent: bool, queued_bytes: int, queued_for: float) ->
 
 def sends_itself(mode: Mode, live: bool, queued_bytes: int) -> bool:
     """Whether the thread that just queued an op sends the queue itself (`queued_bytes`
-    includes the op): an application's writer in sync mode, unless others queued a backlog."""
+    includes the op): an application's writer in sync mode, unless a backlog is queued."""
     return live and mode == "sync" and queued_bytes <= INLINE_SEND_BYTES
 
 

@@ -300,29 +300,33 @@ class MirrorFS(mfusepy.Operations):  # type: ignore[misc]
         rel = None if path is None else path[1:]
         if rel is not None and self._fh_out(handle, rel):
             rel = None
-        with self._ordered():
-            if handle.append:
-                # The real fd has no O_APPEND (pwrite would ignore the offset): the bytes
-                # land at the end as it is now, and the op says exactly where.
-                offset = os.fstat(fh).st_size
-            if rel is None:  # unlinked while open, or excluded
-                return os.pwrite(fh, data, offset)
-            self._rep.intend(Write(self.root, rel, offset, data), os.fstat(fh).st_nlink)
-            # Enqueued before the local write, so the peer works on its copy meanwhile; a
-            # local write that falls short is mended on the peer in the same ordered step.
-            for piece in split_write(self.root, rel, offset, data, handle.sync, FRAME_DATA):
-                ticket = self._enqueue(piece)
-            failed: OSError | None = None
-            try:
-                written = os.pwrite(fh, data, offset)
-            except OSError as exc:
-                failed, written = exc, 0
-            if written != len(data):
-                ticket = self._mend(rel, offset, len(data), written) or ticket
-        handle.last = ticket
-        # Waited for even when the local write failed: the frames sent lend this request's
-        # buffer, which must outlive them.
-        self._rep.wait(ticket, WaitPoint.DURABLE if handle.sync else WaitPoint.WRITE)
+        ticket, written = 0, 0
+        failed: OSError | None = None
+        try:
+            with self._ordered():
+                if handle.append:
+                    # The real fd has no O_APPEND (pwrite would ignore the offset): the bytes
+                    # land at the end as it is now, and the op says exactly where.
+                    offset = os.fstat(fh).st_size
+                if rel is None:  # unlinked while open, or excluded
+                    return os.pwrite(fh, data, offset)
+                self._rep.intend(Write(self.root, rel, offset, data), os.fstat(fh).st_nlink)
+                # Enqueued before the local write, so the peer works on its copy meanwhile; a
+                # local write that falls short is mended on the peer in the same ordered step.
+                for piece in split_write(self.root, rel, offset, data, handle.sync, FRAME_DATA):
+                    ticket = self._enqueue(piece)
+                try:
+                    written = os.pwrite(fh, data, offset)
+                except OSError as exc:
+                    failed = exc
+                if written != len(data):
+                    ticket = self._mend(rel, offset, len(data), written) or ticket
+        finally:
+            if ticket:
+                handle.last = ticket
+                # Waited for even when the local write or its mending failed: the frames
+                # queued lend this request's buffer, which must outlive them.
+                self._rep.wait(ticket, WaitPoint.DURABLE if handle.sync else WaitPoint.WRITE)
         if failed is not None:
             raise failed
         return written

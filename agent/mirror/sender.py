@@ -9,7 +9,7 @@ process's control channel; the replicator never promotes itself to ALONE,
 because only the agent knows whether the witness still lets it serve.
 
 Which thread sends and which receives is decided in agent.core.stream_roles: in sync mode
-an application's writer sends its own small op and receives its own ack.
+an application's writer sends its own op (any write FUSE passes) and receives its own ack.
 """
 
 from __future__ import annotations
@@ -224,8 +224,8 @@ class MirrorReplicator:
         return seq
 
     def _send_inline(self, stream: Stream) -> None:
-        """Send the outbox from the enqueuing thread: a small op waited for at once leaves
-        without waking the sender thread (a hand-off costs more than the send). If a batch is
+        """Send the outbox from the enqueuing thread: an op waited for at once leaves without
+        waking the sender thread (the hand-off costs more than sending it here). If a batch is
         being sent, the sender thread takes it after that one, in order."""
         if self._wire.acquire(blocking=False):
             try:

@@ -30,7 +30,7 @@ def test_only_a_sync_writer_receives_its_own_ack(mode: Mode) -> None:
     ("mode", "live", "queued"),
     list(itertools.product(MODES, (True, False), (1, INLINE_SEND_BYTES, INLINE_SEND_BYTES + 1))),
 )
-def test_a_writer_sends_itself_only_small_live_ops_in_sync_mode(
+def test_a_writer_sends_itself_only_live_ops_in_sync_mode_up_to_the_bound(
     mode: Mode, live: bool, queued: int
 ) -> None:
     expected = mode == "sync" and live and queued <= INLINE_SEND_BYTES

@@ -116,8 +116,9 @@ def write(pair: Pair, op: Any, point: WaitPoint = WaitPoint.WRITE) -> threading.
     return thread
 
 
-def test_a_sync_writer_sends_even_the_largest_write_fuse_passes_itself() -> None:
-    # A hand-off to the sender thread cost more than the local write it let overlap.
+def test_a_sync_writer_sends_every_frame_of_the_largest_write_fuse_passes_itself() -> None:
+    # A hand-off to the sender thread cost more than the local write it let overlap. Even with
+    # all of the write's frames still queued (the sender thread busy), the writer sends them.
     assert sends_itself("sync", True, MAX_WRITE)
 
 
