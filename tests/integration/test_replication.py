@@ -9,7 +9,6 @@ nodes' directories hold the same bytes.
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -29,7 +28,8 @@ from tests.zero_loss import (
     wait_nothing_pending,
 )
 
-CYCLES = int(os.environ.get("TANDEM_ZERO_LOSS_CYCLES", "10"))
+# The issue's floor for CI; `make bench` runs more (BENCH_ZERO_LOSS_CYCLES, validated there).
+CYCLES = 10
 
 
 @pytest.fixture
